@@ -1,0 +1,154 @@
+"""Command line: `sana-appliance [train|config|presets]` (train is the default verb)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from . import presets as presets_mod
+from .errors import ApplianceError, ConfigError, ExitCode
+from .resolve import CliArgs, Resolved, resolve
+from .schema import field_map
+
+log = logging.getLogger("sana_appliance")
+
+VERBS = ("train", "config", "presets")
+
+DEMO_BANNER = """\
+============================================================================
+ DEMO RUN: no PRESET and no config file were given, so this trains the tiny
+ built-in Sana on a generated dataset (CPU is fine, nothing is downloaded).
+ To fine-tune the real Sana 1.6B, put your images and a multidatabackend.json
+ in $WORKSPACE and choose a preset, e.g.:
+   docker run --gpus all -e PRESET=24g -e HF_TOKEN=hf_... -v $PWD/workspace:/workspace IMAGE
+ `sana-appliance presets` lists the presets.
+============================================================================"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--preset", help="preset name (overrides env PRESET)")
+    common.add_argument("--config", dest="config_path", help="config file, YAML or JSON (overrides env CONFIG_PATH)")
+    common.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key; repeatable. `--KEY=VALUE` works too",
+    )
+    parser = argparse.ArgumentParser(
+        prog="sana-appliance",
+        description="Full-rank Sana fine-tuning appliance. Verbs: train (default), config, presets.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"sana-appliance {__version__}")
+    sub = parser.add_subparsers(dest="verb")
+    sub.add_parser("train", parents=[common], help="train (the default verb)")
+    cfg = sub.add_parser("config", parents=[common], help="print the resolved config and where each value came from")
+    cfg.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("presets", parents=[common], help="list the presets")
+    return parser
+
+
+def _split_overrides(pairs: Sequence[str]) -> list[tuple[str, str]]:
+    result = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set learning_rate=1e-5")
+        key, value = pair.split("=", 1)
+        result.append((key, value))
+    return result
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, CliArgs]:
+    argv = list(argv)
+    # No verb means train; argparse needs it spelled out to route options.
+    if not any(a in VERBS for a in argv if not a.startswith("-")):
+        argv = ["train", *argv]
+    args, extra = _parser().parse_known_args(argv)
+    overrides = _split_overrides(args.overrides)
+    leftover = []
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if token.startswith("--") and "=" in token:
+            key, value = token[2:].split("=", 1)
+            overrides.append((key, value))
+        elif token.startswith("--") and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            overrides.append((token[2:], extra[i + 1]))
+            i += 1
+        else:
+            leftover.append(token)
+        i += 1
+    if leftover:
+        raise ConfigError(f"unrecognised arguments: {' '.join(leftover)} (see sana-appliance --help)")
+    return args, CliArgs(preset=args.preset, config_path=args.config_path, overrides=overrides)
+
+
+def _print_config(resolved: Resolved, as_json: bool) -> None:
+    values = resolved.redacted()
+    if as_json:
+        doc = {
+            "preset": resolved.preset,
+            "demo_fallback": resolved.demo_fallback,
+            "config_path": str(resolved.config_path) if resolved.config_path else None,
+            "workspace": str(resolved.workspace.root),
+            "hf_home": str(resolved.workspace.hf_home),
+            "keys": {k: {"value": v, "source": resolved.provenance[k]} for k, v in values.items()},
+            "warnings": list(resolved.warnings),
+        }
+        print(json.dumps(doc, indent=2))
+        return
+    if resolved.demo_fallback:
+        print("# DEMO: no PRESET and no config file; the demo preset applies (see `sana-appliance presets`)")
+    print(f"# preset: {resolved.preset or '(none)'}")
+    print(f"# config file: {resolved.config_path or '(none)'}")
+    print(f"# workspace: {resolved.workspace.root}  (HF_HOME: {resolved.workspace.hf_home})")
+    width = max(len(k) for k in values)
+    for key, value in values.items():
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        print(f"{key:<{width}} = {shown:<40}  # {resolved.provenance[key]}")
+    for warning in resolved.warnings:
+        print(f"# warning: {warning}")
+
+
+def _print_presets() -> None:
+    names = presets_mod.available()
+    rows = [presets_mod.load(n) for n in names]
+    width = max(len(p.name) for p in rows)
+    for p in rows:
+        print(f"{p.name:<{width}}  {p.description}")
+        print(f"{'':<{width}}  hardware: {p.hardware}; memory: {p.memory}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        args, cli = parse_args(argv)
+        if args.verb == "presets":
+            _print_presets()
+            return ExitCode.OK
+        resolved = resolve(os.environ, cli)
+        if args.verb == "config":
+            _print_config(resolved, args.json)
+            return ExitCode.OK
+        from .train import train  # heavy imports only when training
+
+        if resolved.demo_fallback:
+            print(DEMO_BANNER, file=sys.stderr, flush=True)
+        for warning in resolved.warnings:
+            log.warning(warning)
+        train(resolved)
+        return ExitCode.OK
+    except ApplianceError as exc:
+        print(f"sana-appliance: error: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("sana-appliance: interrupted", file=sys.stderr)
+        return ExitCode.SIGINT
+
+
+__all__ = ["main", "field_map"]

@@ -1,0 +1,490 @@
+"""Config resolution: (preset, config file, environment, CLI) -> validated config + provenance.
+
+A pipeline in four stages: parse every layer into raw key/value pairs, convert
+each value to its key's type, validate single keys and cross-field rules
+(collecting every problem), then complete derived values (workspace paths).
+This module is the only place that reads the environment; everything after it
+receives a :class:`Resolved`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from . import presets as presets_mod
+from .errors import ConfigError
+from .schema import (
+    BUILTIN_DATASET,
+    BUILTIN_MODEL,
+    DATALOADER_ONLY_KEYS,
+    IGNORED_SIMPLETUNER_KEYS,
+    OPTIMIZER_ALIASES,
+    TrainConfig,
+    defaults,
+    field_map,
+    field_type,
+)
+
+ENV_PREFIX = "SANA_"
+# Environment variables with a meaning of their own (besides SANA_<KEY>).
+ENV_ALIASES = {"OUTPUT_DIR": "output_dir", "DATALOADER_CONFIG": "data_backend_config"}
+SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+SECRET_NAME = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
+QUANTIZED_PRECISIONS = {
+    "nf4-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+    "int8-torchao", "fp8-torchao", "int4-torchao",
+}
+PATH_KEYS = ("output_dir", "data_backend_config", "user_prompt_library")
+CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
+
+
+@dataclass(frozen=True)
+class CliArgs:
+    """What the command line contributed: a preset, a config file and key overrides."""
+
+    preset: Optional[str] = None
+    config_path: Optional[str] = None
+    overrides: Sequence[tuple[str, str]] = ()
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """The volume layout: everything the appliance reads and writes lives under root."""
+
+    root: Path
+    hf_home: Path
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def resolve(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Secrets from the environment. Never printed, saved or uploaded."""
+
+    hf_token: Optional[str] = field(default=None, repr=False)
+    wandb_api_key: Optional[str] = field(default=None, repr=False)
+
+    def values(self) -> list[str]:
+        return [v for v in (self.hf_token, self.wandb_api_key) if v]
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    endpoint: Optional[str] = None
+    offline: bool = False
+    wandb_mode: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    config: TrainConfig
+    provenance: dict[str, str]
+    preset: Optional[str]
+    demo_fallback: bool
+    config_path: Optional[Path]
+    workspace: Workspace
+    credentials: Credentials
+    hub: HubSettings
+    warnings: tuple[str, ...] = ()
+
+    def redacted(self) -> dict[str, Any]:
+        """The config as a dict safe to print or save: no secret ever appears."""
+        return redact(dataclasses.asdict(self.config), self.credentials.values())
+
+
+def redact(obj: Any, secret_values: Sequence[str]) -> Any:
+    """Replace secret-named keys and any occurrence of a known secret value."""
+    if isinstance(obj, dict):
+        return {
+            k: ("<redacted>" if SECRET_NAME.search(str(k)) and v else redact(v, secret_values))
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [redact(v, secret_values) for v in obj]
+    if isinstance(obj, str):
+        for secret in secret_values:
+            if secret and len(secret) >= 4 and secret in obj:
+                obj = obj.replace(secret, "<redacted>")
+    return obj
+
+
+# ---------------------------------------------------------------- parse
+
+
+def normalize_key(raw: str) -> str:
+    """SimpleTuner keys may carry a leading `--` and use dashes."""
+    return raw.strip().lstrip("-").replace("-", "_").lower()
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file into a flat mapping (raises ConfigError)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist: fix CONFIG_PATH / --config") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of key: value, found a {type(data).__name__}"
+        )
+    return data
+
+
+# ---------------------------------------------------------------- convert
+
+_TRUE = {"true", "1", "yes", "on", "y"}
+_FALSE = {"false", "0", "no", "off", "n"}
+_NONE = {"", "none", "null", "~"}
+
+
+class _Invalid(Exception):
+    pass
+
+
+def convert(key: str, value: Any) -> Any:
+    """Convert a raw value (string from env/CLI, or native from a file) to the key's type."""
+    f = field_map()[key]
+    base, optional = field_type(f)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional:
+            return None
+        raise _Invalid(f"must be set (a {base.__name__})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Invalid("must be a boolean: true or false")
+    if base is int:
+        if isinstance(value, bool):
+            raise _Invalid("must be an integer, e.g. 10")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise _Invalid("must be an integer, e.g. 10") from None
+        if not number.is_integer():
+            raise _Invalid("must be a whole number, e.g. 10")
+        return int(number)
+    if base is float:
+        if isinstance(value, bool):
+            raise _Invalid("must be a number, e.g. 1e-5")
+        try:
+            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise _Invalid("must be a number, e.g. 1e-5") from None
+        if not math.isfinite(number):
+            raise _Invalid("must be a finite number")
+        return number
+    if base is str:
+        if isinstance(value, (dict, list)):
+            raise _Invalid("must be a single text value")
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value)
+    raise AssertionError(f"unhandled type {base} for {key}")
+
+
+# ---------------------------------------------------------------- validate
+
+
+def _check_rules(key: str, value: Any) -> Optional[str]:
+    meta = field_map()[key].metadata
+    if value is None:
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of: {', '.join(meta['choices'])}"
+    if "minimum" in meta and value < meta["minimum"]:
+        return f"must be >= {meta['minimum']}"
+    if "exclusive_minimum" in meta and value <= meta["exclusive_minimum"]:
+        return f"must be > {meta['exclusive_minimum']}"
+    if "maximum" in meta and value > meta["maximum"]:
+        return f"must be <= {meta['maximum']}"
+    return None
+
+
+_EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0"}
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """`1024x1024,1280x768` or `512` -> [(width, height), ...]."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
+        if not match:
+            raise ValueError(part)
+        width = int(match.group(1))
+        height = int(match.group(2) or width)
+        if width <= 0 or height <= 0:
+            raise ValueError(part)
+        sizes.append((width, height))
+    if not sizes:
+        raise ValueError(text)
+    return sizes
+
+
+def _cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, hub: HubSettings) -> list[str]:
+    problems = []
+
+    def say(key: str, rule: str) -> None:
+        problems.append(f"{key}={cfg[key]!r} (from {where[key]}): {rule}")
+
+    precision = str(cfg["base_model_precision"]).lower()
+    if precision in QUANTIZED_PRECISIONS:
+        say(
+            "base_model_precision",
+            "quantized weights cannot be trained in a full-rank fine-tune (model_type: full). "
+            "Use `no_change`; for the smallest memory use PRESET=lowest-vram, which trains bf16 "
+            "weights with 8-bit Lion and quantizes only the frozen text encoder "
+            "(text_encoder_1_precision: nf4-bnb).",
+        )
+    elif precision != "no_change":
+        say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
+    if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
+        say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
+    try:
+        parse_resolutions(cfg["validation_resolution"])
+    except ValueError as exc:
+        say("validation_resolution", f"cannot read {str(exc)!r}: use WxH pairs separated by commas, e.g. 1024x1024,1280x768")
+    if cfg["push_to_hub"] or cfg["push_checkpoints_to_hub"]:
+        if not cfg["hub_model_id"]:
+            key = "push_to_hub" if cfg["push_to_hub"] else "push_checkpoints_to_hub"
+            say(key, "needs hub_model_id, e.g. hub_model_id: your-name/sana-finetune")
+        if not cred.hf_token and not hub.offline:
+            key = "push_to_hub" if cfg["push_to_hub"] else "push_checkpoints_to_hub"
+            say(key, "needs a Hugging Face write token in the HF_TOKEN environment variable")
+    if cfg["report_to"] in ("wandb", "all") and not cred.wandb_api_key and hub.wandb_mode not in ("offline", "disabled"):
+        say("report_to", "wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
+    if cfg["gradient_checkpointing_interval"] > 1 and not cfg["gradient_checkpointing"]:
+        say("gradient_checkpointing_interval", "has no effect unless gradient_checkpointing: true")
+    resume = cfg["resume_from_checkpoint"]
+    if not resume.strip():
+        say("resume_from_checkpoint", "must be `latest`, `none` or a checkpoint folder")
+    return problems
+
+
+def _suggest(key: str) -> str:
+    known = list(field_map()) + list(IGNORED_SIMPLETUNER_KEYS)
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else "; run `sana-appliance config` to list valid keys"
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def find_config_file(workspace_root: Path) -> Optional[Path]:
+    for name in CONFIG_FILE_NAMES:
+        candidate = workspace_root / "config" / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Optional[Path] = None) -> Resolved:
+    """Resolve the run's configuration. Pure: reads only `env`, `cli` and config files.
+
+    Precedence, lowest first: built-in defaults < preset < config file < environment < CLI.
+    Raises ConfigError listing every problem at once.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+
+    workspace_root = Path(env.get("WORKSPACE") or "workspace").expanduser().absolute()
+    hf_home = Path(env["HF_HOME"]) if env.get("HF_HOME") else workspace_root / "cache" / "huggingface"
+    workspace = Workspace(root=workspace_root, hf_home=hf_home)
+    credentials = Credentials(
+        hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
+        wandb_api_key=env.get("WANDB_API_KEY") or None,
+    )
+    hub = HubSettings(
+        endpoint=env.get("HF_ENDPOINT") or None,
+        offline=str(env.get("HF_HUB_OFFLINE", "")).strip().lower() in _TRUE,
+        wandb_mode=env.get("WANDB_MODE") or None,
+    )
+
+    # Which config file.
+    if cli.config_path:
+        config_path: Optional[Path] = workspace.resolve(cli.config_path)
+    elif env.get("CONFIG_PATH"):
+        config_path = workspace.resolve(env["CONFIG_PATH"])
+    else:
+        config_path = find_config_file(workspace_root)
+    file_values: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            file_values = load_config_file(config_path)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+
+    # Which preset.
+    preset_name = cli.preset or env.get("PRESET") or None
+    demo_fallback = preset_name is None and config_path is None
+    if demo_fallback:
+        preset_name = "demo"
+    preset_values: dict[str, Any] = {}
+    if preset_name:
+        try:
+            preset_values = presets_mod.load(preset_name, presets_dir).values
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+
+    # Raw layers, lowest precedence first: (source, {key: raw value}).
+    layers: list[tuple[str, dict[str, Any]]] = []
+    layers.append((f"preset:{preset_name}", dict(preset_values)))
+    layers.append((f"file:{config_path}", {normalize_key(k): v for k, v in file_values.items()}))
+    env_layer: dict[str, tuple[str, Any]] = {}
+    for name, key in ENV_ALIASES.items():
+        if env.get(name):
+            env_layer[key] = (f"env:{name}", env[name])
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX):].lower()
+            env_layer[key] = (f"env:{name}", value)
+    cli_layer = {normalize_key(k): v for k, v in cli.overrides}
+
+    known = field_map()
+    values: dict[str, Any] = defaults()
+    where: dict[str, str] = {k: "default" for k in values}
+
+    def apply(key: str, raw: Any, source: str) -> None:
+        if key not in known:
+            if key in IGNORED_SIMPLETUNER_KEYS:
+                warnings.append(
+                    f"`{key}` (from {source}) is a SimpleTuner option with no effect here: "
+                    f"{IGNORED_SIMPLETUNER_KEYS[key]}"
+                )
+            elif key in DATALOADER_ONLY_KEYS:
+                problems.append(
+                    f"`{key}` (from {source}) belongs in the dataloader config "
+                    "(multidatabackend.json), one value per dataset"
+                )
+            elif SECRET_NAME.search(key):
+                problems.append(
+                    f"`{key}` (from {source}): secrets are never read from config; set HF_TOKEN "
+                    "or WANDB_API_KEY in the environment instead"
+                )
+            else:
+                problems.append(f"unknown key `{key}` (from {source}){_suggest(key)}")
+            return
+        try:
+            value = convert(key, raw)
+        except _Invalid as exc:
+            shown = "<redacted>" if SECRET_NAME.search(source) else repr(raw)
+            example = _EXAMPLES.get(key)
+            hint = f", e.g. {example}" if example and "e.g." not in str(exc) else ""
+            problems.append(f"{key}={shown} (from {source}): {exc}{hint}")
+            return
+        if key == "optimizer" and isinstance(value, str) and value in OPTIMIZER_ALIASES:
+            alias = OPTIMIZER_ALIASES[value]
+            if alias is None:
+                problems.append(
+                    f"optimizer={value!r} (from {source}) is a SimpleTuner optimizer we do not "
+                    "support; use optimi-adamw or bnb-lion8bit"
+                )
+                return
+            warnings.append(f"optimizer={value!r} (from {source}) is SimpleTuner's name for {alias!r}")
+            value = alias
+        if key == "model_type" and value != "full":
+            problems.append(
+                f"model_type={value!r} (from {source}): only full-rank fine-tuning is supported; "
+                "set model_type: full (LoRA and LyCORIS are not)"
+            )
+            return
+        values[key] = value
+        where[key] = source
+
+    for source, layer in layers:
+        if source.startswith("file:") and layer.get("preset") is not None:
+            layer = {k: v for k, v in layer.items() if k != "preset"}
+            problems.append(
+                f"`preset` (from {source}): choose the preset with PRESET=NAME or --preset NAME"
+            )
+        for key, raw in layer.items():
+            apply(key, raw, source)
+    for key, (source, raw) in env_layer.items():
+        apply(key, raw, source)
+    for key, raw in cli_layer.items():
+        apply(key, raw, "cli")
+
+    # Single-key rules.
+    for key, value in values.items():
+        rule = _check_rules(key, value)
+        if rule:
+            example = f", e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
+            problems.append(f"{key}={value!r} (from {where[key]}): {rule}{example}")
+    if not problems:
+        problems.extend(_cross_field(values, where, credentials, hub))
+    if problems:
+        raise ConfigError(problems)
+
+    # Complete: defaults found in the workspace, then absolute paths.
+    if values["data_backend_config"] is None:
+        found = workspace.config_dir / "multidatabackend.json"
+        if found.is_file():
+            values["data_backend_config"] = str(found)
+            where["data_backend_config"] = "default (found in workspace)"
+    if values["mixed_precision"] == "fp16":
+        warnings.append(
+            "mixed_precision=fp16: Sana is known to give NaN losses in fp16 at low learning "
+            "rates; bf16 is recommended"
+        )
+    for key in PATH_KEYS:
+        value = values[key]
+        if value is not None and not str(value).startswith("builtin:"):
+            values[key] = str(workspace.resolve(value))
+    if values["pretrained_model_name_or_path"] != BUILTIN_MODEL and values["data_backend_config"] == BUILTIN_DATASET:
+        warnings.append(
+            "data_backend_config is the demo's generated dataset while training a real model: "
+            "set DATALOADER_CONFIG to your multidatabackend.json"
+        )
+
+    return Resolved(
+        config=TrainConfig(**values),
+        provenance=where,
+        preset=preset_name,
+        demo_fallback=demo_fallback,
+        config_path=config_path,
+        workspace=workspace,
+        credentials=credentials,
+        hub=hub,
+        warnings=tuple(warnings),
+    )
