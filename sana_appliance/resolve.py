@@ -109,6 +109,10 @@ class Resolved:
     credentials: Credentials
     hub: HubSettings
     warnings: tuple[str, ...] = ()
+    build: dict = field(default_factory=dict)  # git sha / image digest when the image knows them
+
+    def __repr__(self) -> str:
+        return f"Resolved(preset={self.preset!r}, config={self.redacted()!r}, provenance={self.provenance!r})"
 
     def redacted(self) -> dict[str, Any]:
         """The config as a dict safe to print or save: no secret ever appears."""
@@ -487,4 +491,6 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Optio
         credentials=credentials,
         hub=hub,
         warnings=tuple(warnings),
+        build={"git_sha": env.get("APPLIANCE_GIT_SHA") or None, "image": env.get("APPLIANCE_IMAGE") or None,
+               "image_digest": env.get("APPLIANCE_IMAGE_DIGEST") or None},
     )

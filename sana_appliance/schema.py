@@ -173,6 +173,13 @@ class TrainConfig:
         2, "Worker processes that load cached latents.", minimum=0
     )
 
+    num_processes: int = _opt(
+        1,
+        "Training processes on this machine (data parallel): 1, N, or 0 for one per visible GPU. "
+        "The appliance launches them itself.",
+        minimum=0,
+    )
+
     # --- EMA -------------------------------------------------------------------
     use_ema: bool = _opt(False, "Keep an exponential moving average of the weights (fp32).")
     ema_decay: float = _opt(0.999, "EMA decay per optimizer step.", exclusive_minimum=0.0, maximum=1.0)

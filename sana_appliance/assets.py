@@ -1,0 +1,581 @@
+"""Fetch the base model and Hub datasets. The only module in the appliance that downloads.
+
+Built on huggingface_hub (its cache layout, atomic blob downloads and per-file locks)
+plus three things it does not give us:
+
+* Pinning: a branch or tag is resolved to a commit sha once, and exactly that sha is
+  downloaded and recorded, so a run can say which weights it trained from even if the
+  branch moves mid-download or between ranks.
+* Bounded retries with backoff (tenacity) around the resolve and the download, with
+  each retry logged. huggingface_hub retries some calls internally and swallows others
+  into a "not in the local cache" error; we look through the cause chain to decide.
+* Errors a user can act on: gated/private repos, typos in repo ids or revisions, an
+  empty offline cache. The HF token never appears in a message or log line.
+
+Several ranks call this at once: a file lock under HF_HOME lets one process download
+while the others wait and then find the cache complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import filelock
+import httpx2
+import tenacity
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .errors import AssetError
+from .resolve import Credentials, HubSettings, Workspace
+
+LOG = logging.getLogger("sana_appliance.assets")
+
+LIBRARY_NAME = "sana-appliance"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+EXAMPLE_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
+# The components a SanaPipeline is assembled from; each is a subfolder of the pipeline folder.
+SANA_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+_OWNER_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the base model's files are, and which exact version they are."""
+
+    path: Path  # local folder in diffusers layout (model_index.json, transformer/, vae/, ...)
+    kind: str  # "local" or "hub"
+    repo_id: str | None
+    revision: str | None  # what the user asked for, e.g. "main"
+    commit_sha: str | None  # the exact commit that was downloaded (None for local)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One Hub repo at one requested revision, plus what messages need to know about it."""
+
+    repo_id: str
+    repo_type: str  # "model" or "dataset"
+    revision: str
+    endpoint: str
+    has_token: bool
+    looked_for: Path | None = None  # the local folder a model spec could also have meant
+
+    def web_url(self, endpoint: str) -> str:
+        prefix = "datasets/" if self.repo_type == "dataset" else ""
+        return f"{endpoint}/{prefix}{self.repo_id}"
+
+    def __str__(self) -> str:
+        return f"{self.repo_type} repo {self.repo_id!r} (revision {self.revision!r})"
+
+
+# ---------------------------------------------------------------- public API
+
+
+def fetch_model(
+    spec: str,
+    revision: str,
+    workspace: Workspace,
+    hub: HubSettings,
+    credentials: Credentials,
+    *,
+    max_attempts: int = 5,
+    wait_s: float = 2.0,
+    max_wait_s: float = 60.0,
+) -> ModelSource:
+    """Find or download the base model named by `spec` (pretrained_model_name_or_path).
+
+    `spec` is an existing folder (absolute, or relative to the workspace root) or a Hub
+    repo id `owner/name`. Hub models go to the HF cache at `workspace.hf_home/hub`.
+    `wait_s`/`max_wait_s` shape the exponential backoff between the `max_attempts` tries.
+    Raises AssetError (exit code 3) with the fix.
+    """
+    assert max_attempts >= 1, max_attempts
+    folder = _existing_local_folder(spec, workspace)
+    if folder is not None:
+        _check_pipeline_folder(folder, f"local model folder {folder}")
+        return ModelSource(path=folder, kind="local", repo_id=None, revision=None, commit_sha=None)
+
+    _check_repo_id(spec, what="pretrained_model_name_or_path", workspace=workspace)
+    target = _target(spec, "model", revision, hub, credentials, looked_for=workspace.resolve(spec))
+    cache_dir = workspace.hf_home / "hub"
+    if hub.offline:
+        sha, path = _from_cache(target, cache_dir=cache_dir, local_dir=None)
+    else:
+        with _download_lock(workspace.hf_home / "sana-appliance" / "locks", target):
+            sha, path = _download(target, cache_dir, None, credentials, max_attempts, wait_s, max_wait_s)
+    _check_pipeline_folder(path, f"{target} at commit {sha}")
+    return ModelSource(path=path, kind="hub", repo_id=spec, revision=target.revision, commit_sha=sha)
+
+
+def fetch_dataset(
+    repo_id: str,
+    revision: str,
+    dest: Path,
+    hub: HubSettings,
+    credentials: Credentials,
+    *,
+    max_attempts: int = 5,
+    wait_s: float = 2.0,
+    max_wait_s: float = 60.0,
+) -> tuple[Path, str]:
+    """Download a Hub *dataset* repo at `revision` into the folder `dest`; returns (dest, commit sha).
+
+    Files appear under `dest` with their repo paths. huggingface_hub keeps its bookkeeping
+    (per-file metadata, the tree listing, the revision -> sha ref) in `dest/.cache/huggingface`,
+    so a later call with `hub.offline` finds the same sha without the network.
+    """
+    assert max_attempts >= 1, max_attempts
+    _check_repo_id(repo_id, what="dataset repo", workspace=None)
+    target = _target(repo_id, "dataset", revision, hub, credentials)
+    dest = Path(dest).expanduser().absolute()
+    cache_dir = dest / ".cache" / "huggingface" / "hub"
+    if hub.offline:
+        sha, path = _from_cache(target, cache_dir=cache_dir, local_dir=dest)
+        return path, sha
+    with _download_lock(dest / ".cache" / "huggingface" / "sana-appliance-locks", target):
+        sha, path = _download(target, cache_dir, dest, credentials, max_attempts, wait_s, max_wait_s)
+    return path, sha
+
+
+# ---------------------------------------------------------------- specs and local folders
+
+
+def _existing_local_folder(spec: str, workspace: Workspace) -> Path | None:
+    """The folder `spec` names, if it exists; None if `spec` should be read as a Hub repo id."""
+    if not spec or not spec.strip():
+        raise AssetError(
+            "pretrained_model_name_or_path is empty: set it to a local diffusers folder or a Hub repo id, "
+            f"e.g. {EXAMPLE_MODEL}"
+        )
+    path = workspace.resolve(spec.strip())
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise AssetError(
+            f"pretrained_model_name_or_path={spec!r}: {path} is a file, not a folder; point it at the "
+            "pipeline folder that holds model_index.json"
+        )
+    # Something written like a path (not like owner/name) that does not exist is a typo or a
+    # missing volume mount, not a Hub id: say so instead of asking the Hub about it.
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or (os.sep != "/" and os.sep in spec):
+        raise AssetError(
+            f"pretrained_model_name_or_path={spec!r}: the folder {path} does not exist. Check the path "
+            f"(relative paths start at the workspace {workspace.root}) and that its volume is mounted, or "
+            f"use a Hub repo id like {EXAMPLE_MODEL}"
+        )
+    return None
+
+
+def _check_repo_id(repo_id: str, *, what: str, workspace: Workspace | None) -> None:
+    problem = None
+    if not _OWNER_NAME.fullmatch(repo_id):
+        problem = "a Hub repo id has the form owner/name"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as exc:
+            problem = str(exc).splitlines()[0]
+    if problem is None:
+        return
+    if workspace is not None:
+        raise AssetError(
+            f"{what}={repo_id!r} is neither an existing folder (looked for {workspace.resolve(repo_id)}) nor a "
+            f"valid Hub repo id ({problem}). Use a folder in diffusers layout (absolute, or relative to the "
+            f"workspace {workspace.root}) or a Hub repo id of the form owner/name, e.g. {EXAMPLE_MODEL}"
+        )
+    raise AssetError(f"{what} {repo_id!r} is not a valid Hub repo id ({problem}): use owner/name")
+
+
+def _check_pipeline_folder(folder: Path, origin: str) -> None:
+    """Fail early, naming what is missing, instead of deep inside diffusers' from_pretrained."""
+    fix = (
+        "Use a folder written by SanaPipeline.save_pretrained (model_index.json, "
+        f"{'/, '.join(SANA_COMPONENTS)}/) or a Hub repo in diffusers layout, e.g. {EXAMPLE_MODEL}"
+    )
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise AssetError(f"{origin} is not a diffusers pipeline folder: {index} is missing. {fix}")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AssetError(f"{origin}: {index} cannot be read as JSON ({exc}). {fix}") from None
+    if not isinstance(data, dict):
+        raise AssetError(f"{origin}: {index} must hold a JSON object. {fix}")
+    not_listed = [name for name in SANA_COMPONENTS if name not in data]
+    if not_listed:
+        raise AssetError(
+            f"{origin}: {index} does not list the Sana component(s) {', '.join(not_listed)} "
+            f"(it is a {data.get('_class_name', 'unknown')} pipeline). {fix}"
+        )
+    missing = [
+        name
+        for name, value in data.items()
+        if not name.startswith("_")
+        and isinstance(value, list)
+        and value
+        and value[0] is not None
+        and not (folder / name).is_dir()
+    ]
+    if missing:
+        raise AssetError(
+            f"{origin}: model_index.json lists {', '.join(missing)} but the folder(s) "
+            f"{', '.join(str(folder / name) for name in missing)} are missing. {fix}"
+        )
+    class_name = str(data.get("_class_name", ""))
+    if "Sana" not in class_name:
+        LOG.warning("%s is a %s pipeline, not a Sana one; loading it as Sana may fail", origin, class_name or "unnamed")
+
+
+# ---------------------------------------------------------------- Hub downloads
+
+
+def _target(
+    repo_id: str,
+    repo_type: str,
+    revision: str,
+    hub: HubSettings,
+    credentials: Credentials,
+    looked_for: Path | None = None,
+) -> _Target:
+    return _Target(
+        looked_for=looked_for,
+        repo_id=repo_id,
+        repo_type=repo_type,
+        revision=(revision or "main").strip(),
+        endpoint=(hub.endpoint or DEFAULT_ENDPOINT).rstrip("/"),
+        has_token=bool(credentials.hf_token),
+    )
+
+
+def _token(credentials: Credentials) -> str | bool:
+    # False, not None: None would make huggingface_hub fall back to a token saved on disk or in
+    # the process environment, and the run must use exactly the credentials it resolved.
+    return credentials.hf_token or False
+
+
+@contextmanager
+def _download_lock(lock_dir: Path, target: _Target) -> Iterator[None]:
+    """Hold a lock per repo so one process downloads while the other ranks wait."""
+    lock = filelock.FileLock(str(lock_dir / f"{_folder_name(target)}.lock"))
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            LOG.info("another process is downloading %s; waiting for it (lock %s)", target, lock.lock_file)
+            lock.acquire()  # no timeout: a large model can take a long time to download
+    except OSError as exc:
+        raise AssetError(
+            f"cannot create the download lock {lock.lock_file} ({exc.strerror or exc}): the cache folder must be "
+            "writable to download; fix its permissions, or set HF_HUB_OFFLINE=1 to use a read-only cache"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _download(
+    target: _Target,
+    cache_dir: Path,
+    local_dir: Path | None,
+    credentials: Credentials,
+    max_attempts: int,
+    wait_s: float,
+    max_wait_s: float,
+) -> tuple[str, Path]:
+    """Resolve the revision to a sha, then download exactly that sha. Each step retried on its own."""
+    token = _token(credentials)
+    api = HfApi(endpoint=target.endpoint, token=token, library_name=LIBRARY_NAME)
+
+    def resolve() -> str:
+        info = api.repo_info(target.repo_id, repo_type=target.repo_type, revision=target.revision, token=token)
+        if not info.sha:
+            raise AssetError(
+                f"{target}: {target.endpoint} answered without a commit sha; check that HF_ENDPOINT points at a "
+                "Hugging Face Hub (or a mirror of it)"
+            )
+        return info.sha
+
+    def download() -> Path:
+        folder = snapshot_download(
+            target.repo_id,
+            repo_type=target.repo_type,
+            revision=sha,
+            cache_dir=str(cache_dir),
+            local_dir=str(local_dir) if local_dir is not None else None,
+            endpoint=target.endpoint,
+            token=token,
+            library_name=LIBRARY_NAME,
+        )
+        return Path(folder)
+
+    retry = dict(max_attempts=max_attempts, wait_s=wait_s, max_wait_s=max_wait_s, credentials=credentials)
+    sha = _with_retries(resolve, f"resolve {target}", target, cache_dir, **retry)
+    LOG.info("%s is commit %s; downloading it", target, sha)
+    path = _with_retries(download, f"download {target} at commit {sha}", target, cache_dir, **retry)
+    if target.revision != sha:
+        _write_ref(cache_dir, target, sha)
+    return sha, path
+
+
+def _folder_name(target: _Target) -> str:
+    """huggingface_hub's cache folder name for a repo, e.g. models--owner--name."""
+    return f"{target.repo_type}s--{target.repo_id.replace('/', '--')}"
+
+
+def _ref_path(cache_dir: Path, target: _Target) -> Path | None:
+    """Where the cache records which sha a branch or tag pointed to (None for odd revisions
+    such as `../x` that would land outside the cache)."""
+    parts = Path(target.revision).parts
+    if not parts or Path(target.revision).is_absolute() or ".." in parts:
+        return None
+    return cache_dir / _folder_name(target) / "refs" / target.revision
+
+
+def _write_ref(cache_dir: Path, target: _Target, sha: str) -> None:
+    """Record revision -> sha in the cache's refs/ folder, as huggingface_hub does, so offline runs
+    can resolve `main` later. We download by sha, so huggingface_hub does not write it itself."""
+    ref = _ref_path(cache_dir, target)
+    if ref is None:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=f".{ref.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(sha)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, ref)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _from_cache(target: _Target, *, cache_dir: Path, local_dir: Path | None) -> tuple[str, Path]:
+    """Offline: resolve the revision from the cache's refs and return the cached snapshot."""
+    where = local_dir if local_dir is not None else cache_dir
+    fix = (
+        f"Run once with network access (HF_HUB_OFFLINE unset) to fill the cache, or mount a cache that holds "
+        f"it at {where}"
+    )
+    if _COMMIT_SHA.fullmatch(target.revision):
+        sha = target.revision
+    else:
+        ref = _ref_path(cache_dir, target)
+        try:
+            sha = ref.read_text(encoding="utf-8").strip() if ref is not None else ""
+        except OSError:
+            sha = ""
+        if not sha:
+            raise AssetError(f"HF_HUB_OFFLINE is set but {target} is not in the cache (no {ref}). {fix}")
+    try:
+        folder = snapshot_download(
+            target.repo_id,
+            repo_type=target.repo_type,
+            revision=sha,
+            cache_dir=str(cache_dir),
+            local_dir=str(local_dir) if local_dir is not None else None,
+            local_files_only=True,
+        )
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise AssetError(
+            f"HF_HUB_OFFLINE is set but {target} at commit {sha} is missing or incomplete in the cache "
+            f"({type(exc).__name__}). {fix}"
+        ) from None
+    LOG.info("offline: using cached %s at commit %s", target, sha)
+    return sha, Path(folder)
+
+
+# ---------------------------------------------------------------- retries and errors
+
+
+def _with_retries(
+    call: Callable[[], T],
+    what: str,
+    target: _Target,
+    cache_dir: Path,
+    *,
+    max_attempts: int,
+    wait_s: float,
+    max_wait_s: float,
+    credentials: Credentials,
+) -> T:
+    """Run `call`, retrying transient Hub failures with exponential backoff and jitter."""
+    secrets = credentials.values()
+
+    def log_retry(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        sleep_s = state.next_action.sleep if state.next_action else 0.0
+        LOG.warning(
+            "%s failed (attempt %d of %d): %s; retrying in %.1f s",
+            what, state.attempt_number, max_attempts, _describe(exc, secrets), sleep_s,
+        )
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(max_attempts),
+        # wait_s, 2*wait_s, 4*wait_s ... up to max_wait_s, plus up to wait_s of jitter so that ranks
+        # or many appliances hitting a struggling Hub do not retry in lockstep.
+        wait=tenacity.wait_exponential(multiplier=wait_s, max=max_wait_s) + tenacity.wait_random(0, wait_s),
+        retry=tenacity.retry_if_exception(_is_transient),
+        before_sleep=log_retry,
+        reraise=True,
+    )
+    attempts = 0
+
+    def counted() -> T:
+        nonlocal attempts
+        attempts += 1
+        return call()
+
+    try:
+        return retrying(counted)
+    except AssetError:
+        raise
+    except (httpx2.HTTPError, OSError, ValueError) as exc:
+        raise _asset_error(exc, what, target, cache_dir, attempts, secrets) from None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and everything it was raised from: huggingface_hub often wraps a network
+    error or an HTTP 5xx in a LocalEntryNotFoundError ("not in the cache") raised `from` it."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
+    return getattr(response, "status_code", None)
+
+
+def _is_permanent(exc: BaseException) -> bool:
+    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, OfflineModeIsEnabled)):
+        return not isinstance(exc, LocalEntryNotFoundError)
+    if isinstance(exc, httpx2.ProxyError):
+        return True
+    status = _status(exc)
+    return status is not None and 400 <= status < 500 and status not in TRANSIENT_STATUS
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Worth another try: connection problems, timeouts, HTTP 408/429/5xx, truncated downloads."""
+    chain = list(_causes(exc))
+    if any(_is_permanent(link) for link in chain):
+        return False
+    for link in chain:
+        if isinstance(link, httpx2.TransportError):
+            return True
+        if _status(link) in TRANSIENT_STATUS:
+            return True
+        # huggingface_hub's size check after a cut-off transfer ("usually due to network issues").
+        if isinstance(link, OSError) and str(link).startswith("Consistency check failed"):
+            return True
+    return False
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<redacted>")
+    return text
+
+
+def _describe(exc: BaseException | None, secrets: list[str]) -> str:
+    """One line about an error, for logs and messages (huggingface_hub's own messages span lines)."""
+    if exc is None:
+        return "unknown error"
+    status = _status(exc)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    head = lines[0] if lines else ""
+    if status is not None and str(status) not in head:
+        head = f"HTTP {status} {head}".strip()
+    return _redact(f"{type(exc).__name__}: {head}" if head else type(exc).__name__, secrets)
+
+
+def _auth_advice(target: _Target) -> str:
+    # Licenses are accepted on huggingface.co itself, also when HF_ENDPOINT names a mirror.
+    license_step = f"open {target.web_url(DEFAULT_ENDPOINT)} while logged in and accept its license / request access"
+    if target.has_token:
+        return (
+            f"HF_TOKEN is set but the Hub refused it for this repo: {license_step} with the account that owns "
+            "the token, and check that the token has read access (fine-grained tokens need the repo or "
+            "'public gated repos' read permission)"
+        )
+    return (
+        f"no HF_TOKEN is set: {license_step}, then set HF_TOKEN to a read token from "
+        "https://huggingface.co/settings/tokens"
+    )
+
+
+def _asset_error(
+    exc: BaseException, what: str, target: _Target, cache_dir: Path, attempts: int, secrets: list[str]
+) -> AssetError:
+    """Turn a huggingface_hub / network failure into a message that says what to do."""
+    chain = list(_causes(exc))
+    detail = _describe(exc, secrets)
+
+    def first(kind: type) -> BaseException | None:
+        return next((link for link in chain if isinstance(link, kind)), None)
+
+    if first(RevisionNotFoundError) is not None:
+        return AssetError(
+            f"revision {target.revision!r} was not found in {target.repo_type} repo {target.repo_id!r} on "
+            f"{target.endpoint}: check the revision (a branch, tag or commit sha; e.g. main) and the repo id's "
+            f"spelling at {target.web_url(target.endpoint)}"
+        )
+    gated = first(GatedRepoError)
+    statuses = [s for s in (_status(link) for link in chain) if s is not None]
+    if gated is not None or (any(s in (401, 403) for s in statuses) and first(RepositoryNotFoundError) is None):
+        return AssetError(f"{target} is gated or private and cannot be downloaded: {_auth_advice(target)}. ({detail})")
+    if first(RepositoryNotFoundError) is not None:
+        hint = (
+            "if it is private, check that HF_TOKEN's account can read it"
+            if target.has_token
+            else "if it is private or gated, set HF_TOKEN to a token with read access"
+        )
+        return AssetError(
+            f"{target.repo_type} repo {target.repo_id!r} was not found on {target.endpoint} "
+            f"(HTTP {statuses[0] if statuses else 404}): check the spelling of owner/name and the revision "
+            f"{target.revision!r}; {hint}"
+            + (f". No local folder {target.looked_for} exists either" if target.looked_for else "")
+        )
+    if first(EntryNotFoundError) is not None and first(LocalEntryNotFoundError) is None:
+        return AssetError(f"{target}: a file listed by the Hub could not be found while downloading ({detail}); try again")
+    if first(httpx2.ProxyError) is not None:
+        return AssetError(f"could not {what}: the HTTP proxy failed ({detail}); check HTTPS_PROXY / HTTP_PROXY")
+    if _is_transient(exc):
+        return AssetError(
+            f"could not {what} after {attempts} attempt(s): {detail}. Check the network and HF_ENDPOINT "
+            f"({target.endpoint}); the Hub may be down, so try again later. If the files are already cached at "
+            f"{cache_dir}, set HF_HUB_OFFLINE=1 to use them without the network"
+        )
+    if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and first(httpx2.HTTPError) is None:
+        return AssetError(f"could not {what}: cannot write to {cache_dir} ({detail}); check free space and permissions")
+    return AssetError(f"could not {what}: {detail}")

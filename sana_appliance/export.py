@@ -1,0 +1,122 @@
+"""The final export: a diffusers pipeline folder, single-file transformer weights, a model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+log = logging.getLogger("sana_appliance.export")
+COPIED_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_final(
+    *,
+    output_dir: Path,
+    transformer,
+    ema_state: Optional[dict[str, torch.Tensor]],
+    parts,
+    card: str,
+    sample_images: list[Path],
+) -> Path:
+    """Write output/final/ (pipeline; EMA weights in the transformer when EMA is on) atomically,
+    plus output/transformer.safetensors and output/transformer_ema.safetensors."""
+    meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config))}
+    trained = {k: v for k, v in transformer.state_dict().items()}
+    _atomic_safetensors(trained, output_dir / "transformer.safetensors", meta)
+    if ema_state is not None:
+        _atomic_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)
+
+    backup = None
+    if ema_state is not None:
+        backup = {k: v.detach().clone() for k, v in trained.items()}
+        missing, unexpected = transformer.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema_state.items()}, strict=False)
+        assert not unexpected, unexpected
+    final = output_dir / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    try:
+        # The frozen parts are copied byte for byte from the base model folder: exact, and
+        # no need to bring the text encoder back into memory.
+        for name in COPIED_PARTS:
+            source = parts.path / name
+            if source.is_dir():
+                shutil.copytree(source, tmp / name)
+            elif source.is_file():
+                shutil.copy2(source, tmp / name)
+        transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+        samples = tmp / "samples"
+        samples.mkdir()
+        for image in sample_images:
+            shutil.copy2(image, samples / image.name)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if final.exists():
+            old = output_dir / ".final.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None:
+            transformer.load_state_dict(backup)
+    log.info("exported the fine-tuned pipeline to %s", final)
+    return final
+
+
+def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict) -> str:
+    """A Hub model card. `config` must already be redacted."""
+    base = model_info.get("repo_id") or model_info.get("name")
+    revision = model_info.get("commit_sha") or model_info.get("version") or "local"
+    keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "train_batch_size",
+            "gradient_accumulation_steps", "max_grad_norm", "caption_dropout_probability", "flow_schedule_shift",
+            "flow_schedule_auto_shift", "use_ema", "ema_decay", "seed", "sana_complex_human_instruction"]
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        f"base_model: {base}",
+        "tags: [sana, text-to-image, full-rank-fine-tune, sana-appliance]",
+        "---",
+        "",
+        f"# Sana fine-tune of `{base}`",
+        "",
+        f"Full-rank fine-tune trained with sana-appliance for {steps} optimizer steps.",
+        f"Base model: `{base}` at revision `{revision}`.",
+        "",
+        "## Datasets",
+        "",
+    ]
+    lines += [f"- `{d['id']}`: {d['samples']} images, fingerprint `{d.get('fingerprint', '')[:16]}`" for d in datasets]
+    lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | `{config.get(k)}` |" for k in keys if k in config]
+    if eval_loss:
+        lines += ["", "## Held-out eval loss", ""]
+        lines += [f"- {k}: {v:.5f}" for k, v in eval_loss.items()]
+    lines += ["", "## Samples", ""]
+    lines += [f"![{name}](samples/{name})" for name in samples]
+    lines += [
+        "", "## Use", "", "```python", "import torch", "from diffusers import SanaPipeline",
+        "pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', torch_dtype=torch.bfloat16).to('cuda')",
+        f"image = pipe({config.get('validation_prompt')!r}).images[0]", "```", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,220 @@
+"""Model parts: the built-in tiny Sana, loading any Sana pipeline folder, checkpointing policy.
+
+Every model, the demo's included, is loaded by the same `from_pretrained` path: the
+tiny model is built in code once, saved in diffusers layout under the cache, and then
+loaded like a downloaded one, so the real loading code runs in every test.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import shutil
+import string
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .errors import AssetError
+from .schema import BUILTIN_MODEL
+
+log = logging.getLogger("sana_appliance.models")
+
+# Bump when the tiny model's architecture or init changes: the folder name is its identity.
+TINY_VERSION = "v1"
+
+
+@dataclass
+class SanaParts:
+    """The loaded pipeline parts; the text encoder and VAE are frozen."""
+
+    path: Path
+    transformer: Any  # SanaTransformer2DModel
+    vae: Any  # AutoencoderDC
+    text_encoder: Any  # Gemma2Model
+    tokenizer: Any
+    scheduler_config: dict
+    identity: str  # stable id of the weights for cache keys and run.json
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.vae.spatial_compression_ratio)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE compression x transformer patch)."""
+        return self.vae_scale_factor * int(self.transformer.config.patch_size)
+
+
+def default_complex_human_instruction() -> list[str]:
+    """The instruction SanaPipeline prepends at inference (read from diffusers, never copied)."""
+    from diffusers import SanaPipeline
+
+    default = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    return list(default)
+
+
+def complex_human_instruction(setting: str) -> Optional[list[str]]:
+    """Map the config value to what SanaPipeline.encode_prompt expects."""
+    if setting == "default":
+        return default_complex_human_instruction()
+    if setting == "disabled":
+        return None
+    return setting.split("\n")
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+def _tiny_tokenizer():
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    symbols = [f"<0x{i:02X}>" for i in range(256)]
+    chars = ["▁"] + list(string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:;'\"!?-()/")
+    vocab = {tok: i for i, tok in enumerate(specials + symbols + chars)}
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False)
+
+
+def build_tiny_sana(dest: Path, seed: int = 0) -> None:
+    """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic)."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
+        num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
+        caption_channels=32, mlp_ratio=2.5, sample_size=16, patch_size=1,
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=8,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+            pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        )
+    )
+    # Sana ships a DPM-Solver config with flow_shift 3.0: reproduce that trap-laden shape exactly.
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2,
+    )
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed}))
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / "model_index.json").is_file():  # another rank may have won the rename
+            raise
+
+
+def builtin_model_path(cache_dir: Path) -> Path:
+    """Build the tiny model once under the cache; later calls return the saved folder."""
+    dest = cache_dir / "models" / f"tiny-sana-{TINY_VERSION}"
+    if not (dest / "model_index.json").is_file():
+        log.info("building the built-in tiny Sana at %s", dest)
+        build_tiny_sana(dest)
+    return dest
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_parts(path: Path, identity: str, weight_dtype: torch.dtype) -> SanaParts:
+    """Load a diffusers Sana folder. The transformer is stored in `weight_dtype` (it trains);
+    the VAE stays fp32 (deterministic latents) and the text encoder in its saved dtype."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import AutoTokenizer, Gemma2Model
+
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+        if not (path / sub).is_dir():
+            raise AssetError(f"model folder {path} has no {sub}/: it must be a diffusers Sana pipeline folder")
+    transformer = SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype)
+    vae = AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    text_encoder = Gemma2Model.from_pretrained(path / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    for module in (vae, text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    transformer.requires_grad_(True)
+    transformer.train()
+    return SanaParts(path, transformer, vae, text_encoder, tokenizer, scheduler_config, identity)
+
+
+def locate_model(spec: str, revision: str, resolved) -> tuple[Path, dict]:
+    """Find the model folder for `spec`: built-in, local folder, or Hub (via the assets module).
+    Returns (folder, provenance dict for run.json)."""
+    if spec == BUILTIN_MODEL:
+        path = builtin_model_path(resolved.workspace.cache_dir)
+        return path, {"kind": "builtin", "name": spec, "version": TINY_VERSION}
+    from . import assets
+
+    source = assets.fetch_model(spec, revision, resolved.workspace, resolved.hub, resolved.credentials)
+    return source.path, {
+        "kind": source.kind, "name": spec, "repo_id": source.repo_id,
+        "revision": source.revision, "commit_sha": source.commit_sha, "path": str(source.path),
+    }
+
+
+def model_identity(provenance: dict) -> str:
+    """What identifies these weights for cache keys: the Hub sha, or the folder + its index file."""
+    if provenance.get("commit_sha"):
+        return f"{provenance['repo_id']}@{provenance['commit_sha']}"
+    if provenance["kind"] == "builtin":
+        return f"{provenance['name']}@{provenance['version']}"
+    path = Path(provenance["path"])
+    stamp = []
+    for sub in ("vae", "text_encoder"):
+        for f in sorted((path / sub).glob("*")):
+            st = f.stat()
+            stamp.append(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return f"local:{path}:{'|'.join(stamp)}"
+
+
+# ---------------------------------------------------------------- memory policy
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return original(*args, **kwargs)
+
+
+def enable_block_checkpointing(transformer, interval: int) -> int:
+    """Recompute every `interval`-th transformer block in backward.
+
+    Wraps the chosen blocks' bound `forward` (an instance attribute), so diffusers' model
+    code and the state_dict keys stay untouched. Returns how many blocks are wrapped."""
+    wrapped = 0
+    for index, block in enumerate(transformer.transformer_blocks):
+        if index % interval == 0:
+            block.forward = functools.partial(_checkpointed_forward, block.forward)
+            wrapped += 1
+    return wrapped

@@ -1,0 +1,72 @@
+"""output/run.json: what ran, with which versions, weights, data and timings (no secrets)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("sana-appliance", "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub",
+            "bitsandbytes", "torch-optimi", "wandb", "pillow", "numpy")
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_sha(build: dict) -> str | None:
+    if build.get("git_sha"):
+        return build["git_sha"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write(path: Path, *, resolved, model_info: dict, datasets: list[dict], timings: dict, extra: dict) -> None:
+    from .resolve import redact
+
+    doc = {
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": resolved.redacted(),
+        "provenance": resolved.provenance,
+        "preset": resolved.preset,
+        "seed": resolved.config.seed,
+        "model": model_info,
+        "datasets": datasets,
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "git_sha": git_sha(resolved.build),
+        "image": resolved.build.get("image"),
+        "image_digest": resolved.build.get("image_digest"),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        **extra,
+    }
+    doc = redact(doc, resolved.credentials.values())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".run.", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(doc, fh, indent=2, default=str)
+    os.replace(tmp, path)

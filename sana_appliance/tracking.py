@@ -1,0 +1,117 @@
+"""Metrics: metrics.jsonl always; TensorBoard and wandb when report_to asks.
+
+Trackers share one tiny interface, so the training loop never branches on them.
+Only rank 0 creates real trackers; other ranks get `NullTracker`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("sana_appliance.tracking")
+
+
+class NullTracker:
+    run_id: Optional[str] = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def log_images(self, step: int, images: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlTracker(NullTracker):
+    """Appends one JSON line per logged step; lines past the resumed step are dropped on resume."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict) -> None:
+        self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+class TensorBoardTracker(NullTracker):
+    def __init__(self, logdir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(logdir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, step)
+
+    def log_images(self, step: int, images: dict) -> None:
+        import numpy as np
+
+        for name, image in images.items():
+            self._writer.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbTracker(NullTracker):
+    def __init__(self, project: str, run_name: Optional[str], config: dict, run_id: Optional[str], directory: Path, mode: Optional[str]):
+        import wandb
+
+        self._wandb = wandb
+        self._run = wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow",
+                               dir=str(directory), mode=mode or None)
+        self.run_id = self._run.id
+
+    def log(self, step: int, metrics: dict) -> None:
+        self._run.log(metrics, step=step)
+
+    def log_images(self, step: int, images: dict) -> None:
+        self._run.log({f"validation/{k}": self._wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class Trackers(NullTracker):
+    def __init__(self, trackers: list[NullTracker]):
+        self.trackers = trackers
+        self.run_id = next((t.run_id for t in trackers if t.run_id), None)
+
+    def log(self, step: int, metrics: dict) -> None:
+        for t in self.trackers:
+            t.log(step, metrics)
+
+    def log_images(self, step: int, images: dict) -> None:
+        for t in self.trackers:
+            t.log_images(step, images)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+
+
+def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: Optional[str], wandb_mode: Optional[str], is_main: bool) -> NullTracker:
+    if not is_main:
+        return NullTracker()
+    trackers: list[NullTracker] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]
+    if cfg.report_to in ("tensorboard", "all"):
+        trackers.append(TensorBoardTracker(output_dir / "tensorboard"))
+    if cfg.report_to in ("wandb", "all"):
+        trackers.append(WandbTracker(cfg.tracker_project_name, cfg.tracker_run_name, config_dict, run_id, output_dir, wandb_mode))
+    return Trackers(trackers)

@@ -1,0 +1,513 @@
+"""The training run: build everything, resume, loop, export, upload, close.
+
+Reads top to bottom. Every random draw of the loop (caption dropout, sigmas, noise) comes
+from one generator owned by the run and saved in checkpoints; data order comes from the
+bucket sampler and the count of batches consumed. Same seed, data and config: same numbers,
+and a resumed run continues the exact sequence of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from . import caches, checkpoints, models, runinfo, tracking, validation
+from .errors import DivergedError, ExitCode, StopRequested
+from .flow import FlowSchedule
+from .resolve import Resolved
+
+log = logging.getLogger("sana_appliance.train")
+
+EVAL_SAMPLES = 8
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Batches of cached latents (or pixels when vae_cache_disable) and text embeddings."""
+
+    def __init__(self, samples, latent_keys, latent_caches, text_cache, online_pixels: bool):
+        self.samples, self.latent_keys, self.latent_caches = samples, latent_keys, latent_caches
+        self.text_cache, self.online_pixels = text_cache, online_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        embeds, mask = self.text_cache.load(self.text_cache.key(sample.caption))
+        item = {"embeds": embeds, "mask": mask}
+        if self.online_pixels:
+            from .images import load_pixels
+
+            item["pixels"] = load_pixels(sample)
+        else:
+            item["latents"] = self.latent_caches[sample.backend_id].load(self.latent_keys[index])
+        return item
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Workers must not die on the SIGTERM meant for the trainer (it saves, then stops them).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class StopFlag:
+    """Records the first SIGTERM/SIGINT; the loop checks it between steps."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is None:
+            log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Run:
+    def __init__(self, resolved: Resolved):
+        self.resolved = resolved
+        self.cfg = resolved.config
+        self.output_dir = Path(self.cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.timings: dict[str, float] = {}
+        self.stop = StopFlag()
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+
+        from . import optimizers
+        from .dataconfig import build_plan
+        from .sampler import BucketBatchSampler
+
+        cfg, t0 = self.cfg, time.monotonic()
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.is_main = self.accelerator.is_main_process
+        self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        self.weight_dtype = optimizers.weight_dtype(cfg)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
+        self.resume_ref = checkpoints.find_resume(cfg.resume_from_checkpoint, self.ckpt_root)
+
+        model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
+        identity = models.model_identity(self.model_info)
+        self.parts = models.load_parts(model_path, identity, self.weight_dtype)
+        self.schedule = FlowSchedule.from_config(cfg, self.parts.scheduler_config)
+
+        per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
+        self.plan = build_plan(cfg.data_backend_config, self.resolved.workspace, size_multiple=self.parts.size_multiple,
+                               seed=cfg.seed, min_samples=per_step)
+        if self.is_main:
+            self.plan.write_report(self.output_dir)
+        self.timings["setup_s"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        self._fill_caches()
+        self.timings["cache_s"] = time.monotonic() - t0
+
+        transformer = self.parts.transformer.to(self.device)
+        if cfg.gradient_checkpointing:
+            models.enable_block_checkpointing(transformer, cfg.gradient_checkpointing_interval)
+        self.sampler = BucketBatchSampler(self.plan, cfg.train_batch_size, cfg.seed, num_replicas=self.world,
+                                          rank=self.accelerator.process_index)
+        micro_per_epoch = max(1, len(self.sampler))
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+        self.optimizer = optimizers.build_optimizer(cfg, [p for p in transformer.parameters() if p.requires_grad])
+        self.lr_scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, self.max_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        self.ema = None
+        if cfg.use_ema:
+            from .ema import EMA
+
+            self.ema = EMA(transformer, cfg.ema_decay)
+        self.model = self.accelerator.prepare(transformer) if self.world > 1 else transformer
+        self.transformer = transformer
+
+        bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
+        n_params = sum(p.numel() for p in transformer.parameters())
+        self.ckpt_bytes = checkpoints.estimate_bytes(n_params, torch.finfo(self.weight_dtype).bits // 8, bytes_per_param, cfg.use_ema)
+        checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
+
+        self.step, self.batches_consumed, self.tracker_run_id = 0, 0, None
+        self.nonfinite_total = 0
+        if self.resume_ref is not None:
+            self._load_checkpoint(self.resume_ref)
+        self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.step, self.tracker_run_id,
+                                      self.resolved.hub.wandb_mode, self.is_main)
+
+    def _fill_caches(self) -> None:
+        """Encode every caption and image not yet cached; then the frozen parts leave the accelerator."""
+        cfg, parts, rank, world = self.cfg, self.parts, self.accelerator.process_index, self.world
+        from diffusers import SanaPipeline
+
+        encoding = caches.TextEncoding(
+            encoder_identity=parts.identity, max_length=cfg.tokenizer_max_length, dtype=str(self.compute_dtype),
+            instruction=tuple(models.complex_human_instruction(cfg.sana_complex_human_instruction) or ()) or None,
+        )
+        self.text_cache = caches.TextEmbedCache(self.plan.text_embeds.cache_dir, encoding)
+        self.prompts = validation.load_prompts(cfg) if cfg.validation_steps else {}
+        captions = [s.caption for s in self.plan.samples] + list(self.prompts.values())
+        text_encoder = parts.text_encoder.to(self.device)
+        pipe = SanaPipeline(tokenizer=parts.tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+        instruction = list(encoding.instruction) if encoding.instruction else None
+
+        def encode(batch: list[str]):
+            with torch.no_grad():
+                e, m, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt="",
+                                                  device=self.device, max_sequence_length=cfg.tokenizer_max_length,
+                                                  complex_human_instruction=instruction)
+            return e.to(self.compute_dtype), m, ne.to(self.compute_dtype), nm
+
+        self.text_cache.fill(captions, encode, self.plan.text_embeds.write_batch_size, rank, world)
+        self.accelerator.wait_for_everyone()
+        del pipe, text_encoder
+        parts.text_encoder = None  # Gemma-2 leaves memory: embeddings are on disk now
+        gc.collect()
+
+        latent_encoding = caches.LatentEncoding(parts.identity, float(parts.vae.config.scaling_factor))
+        backends = {b.id: b for b in self.plan.backends}
+        self.latent_caches = {bid: caches.LatentCache(Path(b.cache_dir_vae), latent_encoding) for bid, b in backends.items()}
+        self.latent_keys = [self.latent_caches[s.backend_id].key_for(s) for s in self.plan.samples]
+        if not cfg.vae_cache_disable:
+            self._fill_latents(rank, world)
+        self.accelerator.wait_for_everyone()
+        if not cfg.vae_cache_disable:
+            parts.vae.to("cpu")  # needed again only to decode validation images
+        if self.is_main:
+            text_stats, lat = self.text_cache.stats, [c.stats for c in self.latent_caches.values()]
+            hits, misses = sum(s.hits for s in lat), sum(s.misses for s in lat)
+            log.info("caches: text embeddings %d hit / %d encoded; latents %d hit / %d encoded (hit rate %.0f%%)",
+                     text_stats.hits, text_stats.misses, hits, misses, 100.0 * hits / max(1, hits + misses))
+        self.cache_stats = {"text_hits": self.text_cache.stats.hits, "text_encoded": self.text_cache.stats.misses,
+                            "latent_hits": sum(c.stats.hits for c in self.latent_caches.values()),
+                            "latent_encoded": sum(c.stats.misses for c in self.latent_caches.values())}
+
+    def _fill_latents(self, rank: int, world: int) -> None:
+        from .images import load_pixels
+
+        vae = self.parts.vae.to(self.device)
+        todo = []
+        for index, sample in enumerate(self.plan.samples):
+            cache = self.latent_caches[sample.backend_id]
+            if cache.has(self.latent_keys[index]):
+                cache.stats.hits += 1
+            else:
+                cache.stats.misses += 1
+                todo.append(index)
+        mine = todo[rank::world]
+        by_size: dict[tuple, list[int]] = {}
+        for index in mine:
+            by_size.setdefault(self.plan.samples[index].size, []).append(index)
+        for indices in by_size.values():
+            for start in range(0, len(indices), self.cfg.vae_batch_size):
+                chunk = indices[start:start + self.cfg.vae_batch_size]
+                pixels = torch.stack([load_pixels(self.plan.samples[i]) for i in chunk]).to(self.device, torch.float32)
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent * vae.config.scaling_factor
+                for i, lat in zip(chunk, latents):
+                    sample = self.plan.samples[i]
+                    self.latent_caches[sample.backend_id].write(self.latent_keys[i], lat, str(sample.path))
+
+    # ------------------------------------------------------------ state
+
+    def _state_tensors(self) -> dict:
+        tensors = {"transformer": self.transformer.state_dict()}
+        if self.ema is not None:
+            tensors["ema"] = {k: v for k, v in self.ema.state_dict().items() if torch.is_tensor(v)}
+        return tensors
+
+    def _save_checkpoint(self) -> Path:
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+               "generator": self.generator.get_state()}
+        objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+                   "scaler": self.scaler.state_dict(), f"rng_rank{self.accelerator.process_index}": rng}
+        if self.ema is not None:
+            objects["ema_meta"] = {k: v for k, v in self.ema.state_dict().items() if not torch.is_tensor(v)}
+        state = {"step": self.step, "batches_consumed": self.batches_consumed, "world_size": self.world,
+                 "config_hash": checkpoints.config_hash(dataclasses.asdict(self.cfg)),
+                 "config": self.resolved.redacted(), "tracker_run_id": self.tracker.run_id,
+                 "nonfinite_total": self.nonfinite_total, "model": self.model_info}
+        path = None
+        if self.is_main:  # weights are identical on every rank; rank 0 writes the folder
+            t0 = time.monotonic()
+            path = checkpoints.save(self.ckpt_root, self.step, tensors=self._state_tensors(), objects=objects, state=state)
+            checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
+            self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
+            log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
+        self.accelerator.wait_for_everyone()
+        return path or self.ckpt_root / f"checkpoint-{self.step}"
+
+    def _load_checkpoint(self, ref) -> None:
+        tensors, objects, state = checkpoints.load(ref)
+        errors, notes = checkpoints.compare_configs(state.get("config", {}), self.resolved.redacted())
+        if errors:
+            from .errors import ConfigError
+
+            raise ConfigError([f"cannot resume from {ref.path}: {e}; use resume_from_checkpoint=none or a new output_dir" for e in errors])
+        if state.get("world_size", 1) != self.world:
+            log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
+        for note in notes:
+            log.warning("resume: %s", note)
+        self.transformer.load_state_dict(tensors["transformer"])
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict({**tensors["ema"], **objects.get("ema_meta", {})})
+        self.optimizer.load_state_dict(objects["optimizer"])
+        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        self.scaler.load_state_dict(objects["scaler"])
+        rng = objects.get(f"rng_rank{self.accelerator.process_index}") or objects.get("rng_rank0")
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["generator"])
+        self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        self.tracker_run_id, self.nonfinite_total = state.get("tracker_run_id"), state.get("nonfinite_total", 0)
+        log.info("resumed from %s (step %d)", ref.path.name, self.step)
+
+    # ------------------------------------------------------------ loop
+
+    def _batches(self) -> Iterator[dict]:
+        """Batches in sampler order, skipping those consumed before a resume."""
+        dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+
+        def index_batches():
+            for epoch in itertools.count():
+                self.sampler.set_epoch(epoch)
+                yield from iter(self.sampler)
+
+        skipped = itertools.islice(index_batches(), self.batches_consumed, None)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=skipped, num_workers=self.cfg.dataloader_num_workers,
+                                             worker_init_fn=_ignore_stop_signals, persistent_workers=False)
+        for batch in loader:
+            self.batches_consumed += 1
+            yield batch
+
+    def _loss(self, batch: dict, generator: torch.Generator, sigmas: Optional[torch.Tensor] = None, dropout: bool = True) -> torch.Tensor:
+        cfg = self.cfg
+        if "pixels" in batch:
+            with torch.no_grad():
+                vae = self.parts.vae.to(self.device)
+                latents = vae.encode(batch["pixels"].to(self.device, torch.float32)).latent * vae.config.scaling_factor
+        else:
+            latents = batch["latents"].to(self.device, torch.float32)
+        embeds, mask = batch["embeds"], batch["mask"]
+        n = latents.shape[0]
+        if dropout and cfg.caption_dropout_probability > 0:
+            drop = torch.rand(n, generator=generator) < cfg.caption_dropout_probability
+            if drop.any():
+                empty_e, empty_m = self.empty
+                embeds, mask = embeds.clone(), mask.clone()
+                embeds[drop], mask[drop] = empty_e.to(embeds.dtype), empty_m
+        if sigmas is None:
+            h, w = latents.shape[-2] * self.parts.vae_scale_factor, latents.shape[-1] * self.parts.vae_scale_factor
+            sigmas = self.schedule.sample_sigmas(n, generator, self.schedule.shift_for(h, w))
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
+        sigmas = sigmas.to(self.device)
+        noisy, target = self.schedule.noisy_and_target(latents, noise, sigmas)
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != torch.float32):
+            pred = self.model(noisy.to(self.weight_dtype), encoder_hidden_states=embeds.to(self.device, self.weight_dtype),
+                              encoder_attention_mask=mask.to(self.device), timestep=sigmas * 1000, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Loss on fixed samples with fixed sigmas and noise: comparable across steps and runs."""
+        dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+        count = min(EVAL_SAMPLES, len(dataset))
+        generator = torch.Generator("cpu").manual_seed(1234)
+        sigmas = torch.linspace(0.1, 0.9, count)
+        was_training = self.transformer.training
+        self.transformer.eval()
+        total = 0.0
+        for i in range(count):
+            item = dataset[i]
+            batch = {k: v[None] for k, v in item.items()}
+            total += float(self._loss(batch, generator, sigmas=sigmas[i:i + 1], dropout=False))
+        self.transformer.train(was_training)
+        return total / max(1, count)
+
+    def _validate(self) -> dict:
+        if not self.prompts:
+            return {}
+        embeds = validation.encode_validation_prompts(self.prompts, self.text_cache)
+        context = self.ema.swapped_into(self.transformer) if self.ema is not None else _nullcontext()
+        with context:
+            return validation.run_validation(step=self.step, cfg=self.cfg, transformer=self.transformer, parts=self.parts,
+                                             prompts=embeds, empty=self.empty, out_dir=self.output_dir / "validation",
+                                             device=self.device, dtype=self.weight_dtype)
+
+    def train(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.empty = self.text_cache.load(self.text_cache.empty_key())
+        self.stop.install()
+        self.eval_start = self.eval_loss()
+        if self.is_main:
+            log.info("held-out eval loss at step %d: %.5f", self.step, self.eval_start)
+            self.tracker.log(self.step, {"eval_loss": self.eval_start})
+        batches = self._batches()
+        consecutive_bad = 0
+        samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, unit="step", dynamic_ncols=True)
+        t_loop, steps_run = time.monotonic(), 0
+        while self.step < self.max_steps:
+            losses = []
+            for micro in range(cfg.gradient_accumulation_steps):
+                batch = next(batches)
+                sync = micro == cfg.gradient_accumulation_steps - 1
+                with self.accelerator.no_sync(self.model) if (self.world > 1 and not sync) else _nullcontext():
+                    loss = self._loss(batch, self.generator)
+                    self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
+                losses.append(loss.detach())
+            loss = torch.stack(losses).mean()
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.transformer.parameters() if p.grad is not None]
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.transformer)
+                consecutive_bad = 0
+            else:
+                self.scaler.update()
+                consecutive_bad += 1
+                self.nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row)",
+                            self.step + 1, float(loss), float(grad_norm), consecutive_bad)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            steps_run += 1
+            if consecutive_bad >= cfg.max_nonfinite_steps:
+                raise DivergedError(
+                    f"training diverged: {consecutive_bad} consecutive steps with non-finite loss or gradients, last at "
+                    f"step {self.step}. The last checkpoint is intact; lower learning_rate, use mixed_precision=bf16, "
+                    f"or raise max_nonfinite_steps.")
+            elapsed = time.monotonic() - t_loop
+            metrics = {"loss": float(loss), "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "samples_per_s": samples_per_step * steps_run / max(elapsed, 1e-9), "skipped_steps": self.nonfinite_total,
+                       "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", sps=f"{metrics['samples_per_s']:.1f}",
+                            mem=f"{metrics['peak_mem_gib']:.1f}G", refresh=False)
+            if self.is_main and self.step % cfg.logging_steps == 0:
+                self.tracker.log(self.step, metrics)
+            if self.step % cfg.checkpointing_steps == 0 and self.step < self.max_steps:
+                self._save_checkpoint()
+            if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < self.max_steps:
+                self._validation_round()
+            if self._stop_requested():
+                bar.close()
+                self._save_checkpoint()
+                sig = self.stop.signum or signal.SIGTERM
+                code = ExitCode.SIGINT if sig == signal.SIGINT else ExitCode.SIGTERM
+                raise StopRequested(signal.Signals(sig).name, code, self.step)
+        bar.close()
+        self.timings["train_s"] = time.monotonic() - t_loop
+
+    def _validation_round(self) -> None:
+        images = self._validate() if self.is_main else {}
+        if self.is_main:
+            eval_now = self.eval_loss()
+            self.tracker.log(self.step, {"eval_loss": eval_now})
+            self.tracker.log_images(self.step, images)
+        self.accelerator.wait_for_everyone()
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self.stop.signum is not None else 0.0], device=self.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------ finish
+
+    def finish(self) -> None:
+        from . import export
+
+        cfg = self.cfg
+        self._save_checkpoint()
+        if cfg.validation_steps:
+            self._validation_round()
+        self.eval_end = self.eval_loss()
+        if not self.is_main:
+            return
+        log.info("held-out eval loss: %.5f at start -> %.5f at step %d", self.eval_start, self.eval_end, self.step)
+        self.tracker.log(self.step, {"eval_loss": self.eval_end})
+        config = self.resolved.redacted()
+        datasets = [{"id": b.id, "samples": sum(1 for s in self.plan.samples if s.backend_id == b.id),
+                     "fingerprint": self.plan.fingerprint()} for b in self.plan.backends]
+        samples = validation.latest_images(self.output_dir / "validation")
+        card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
+                                 samples=[p.name for p in samples],
+                                 eval_loss={"start": self.eval_start, "end": self.eval_end})
+        ema_state = self.ema.to_state_dict_for_export(self.weight_dtype) if self.ema is not None else None
+        export.export_final(output_dir=self.output_dir, transformer=self.transformer, ema_state=ema_state,
+                            parts=self.parts, card=card, sample_images=samples)
+        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
+                      timings=self.timings, extra={"steps": self.step, "eval_loss": {"start": self.eval_start, "end": self.eval_end},
+                                                   "caches": self.cache_stats, "skipped_steps": self.nonfinite_total})
+
+    def close(self) -> None:
+        self.stop.restore()
+        tracker = getattr(self, "tracker", None)
+        if tracker is not None:
+            tracker.close()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def train(resolved: Resolved) -> None:
+    run = Run(resolved)
+    try:
+        run.setup()
+        run.train()
+        run.finish()
+        if run.is_main:
+            from . import upload
+
+            upload.publish(resolved, run.output_dir)
+    finally:
+        run.close()
+
+
+__all__ = ["train", "Run", "json"]

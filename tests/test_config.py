@@ -1,0 +1,313 @@
+"""Config resolution: precedence, provenance, conversion, every error path, presets, CLI.
+
+Run: pytest tests/test_config.py  (no model, ~3 s)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sana_appliance import presets
+from sana_appliance.cli import main
+from sana_appliance.errors import ConfigError
+from sana_appliance.resolve import CliArgs, resolve
+from sana_appliance.schema import TrainConfig, fields
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {"WORKSPACE": str(tmp_path), **extra}
+
+
+def problems_of(exc: pytest.ExceptionInfo) -> str:
+    return "\n".join(exc.value.problems)
+
+
+# ---------------------------------------------------------------- precedence and provenance
+
+
+def test_precedence_default_preset_file_env_cli(tmp_path):
+    cfg_file = tmp_path / "my.yaml"
+    cfg_file.write_text("learning_rate: 2.0e-5\ntrain_batch_size: 3\nseed: 7\nvalidation_steps: 11\n")
+    env = env_for(tmp_path, PRESET="24g", CONFIG_PATH=str(cfg_file), SANA_TRAIN_BATCH_SIZE="5", SANA_SEED="8")
+    r = resolve(env, CliArgs(overrides=[("seed", "9")]))
+    c, p = r.config, r.provenance
+    assert (c.model_family, p["model_family"]) == ("sana", "default")
+    assert (c.gradient_checkpointing, p["gradient_checkpointing"]) == (True, "preset:24g")
+    assert (c.learning_rate, p["learning_rate"]) == (2e-5, f"file:{cfg_file}")
+    assert (c.validation_steps, p["validation_steps"]) == (11, f"file:{cfg_file}")
+    assert (c.train_batch_size, p["train_batch_size"]) == (5, "env:SANA_TRAIN_BATCH_SIZE")
+    assert (c.seed, p["seed"]) == (9, "cli")
+    assert r.preset == "24g" and not r.demo_fallback
+
+
+def test_every_key_settable_from_env_and_typed(tmp_path):
+    samples = {bool: ("true", True), int: ("3", 3), float: ("0.5", 0.5), str: ("x", "x")}
+    from sana_appliance.schema import field_type
+
+    for f in fields():
+        base, _ = field_type(f)
+        raw, want = samples[base]
+        if "choices" in f.metadata:
+            raw = want = f.metadata["choices"][-1]
+        if f.name in ("ema_decay", "caption_dropout_probability", "adam_beta1", "adam_beta2"):
+            raw, want = "0.5", 0.5
+        special = {"base_model_precision": "no_change", "validation_resolution": "512x768", "resume_from_checkpoint": "none"}
+        if f.name in special:
+            raw = want = special[f.name]
+        env = env_for(Path("/nonexistent-ws"), **{f"SANA_{f.name.upper()}": raw})
+        if f.name == "report_to":
+            env["WANDB_MODE"] = "offline"
+        if f.name in ("push_to_hub", "push_checkpoints_to_hub"):
+            env.update(HF_TOKEN="hf_x", SANA_HUB_MODEL_ID="me/model")
+        if f.name == "gradient_checkpointing_interval":
+            env["SANA_GRADIENT_CHECKPOINTING"] = "true"
+        r = resolve(env)
+        got = getattr(r.config, f.name)
+        if f.name in ("output_dir", "data_backend_config", "user_prompt_library"):
+            assert got.endswith(raw), (f.name, got)
+        else:
+            assert got == want and type(got) is type(want), (f.name, got)
+        assert r.provenance[f.name] == f"env:SANA_{f.name.upper()}"
+
+
+def test_env_aliases_and_workspace_paths(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "multidatabackend.json").write_text("[]")
+    r = resolve(env_for(tmp_path, PRESET="24g", OUTPUT_DIR="runs/a"))
+    assert r.config.output_dir == str(tmp_path / "runs" / "a")
+    assert r.provenance["output_dir"] == "env:OUTPUT_DIR"
+    assert r.config.data_backend_config == str(tmp_path / "config" / "multidatabackend.json")
+    assert r.provenance["data_backend_config"].startswith("default")
+    assert r.workspace.hf_home == tmp_path / "cache" / "huggingface"
+    r2 = resolve(env_for(tmp_path, PRESET="24g", HF_HOME="/elsewhere/hf", DATALOADER_CONFIG="/data/mdb.json"))
+    assert r2.workspace.hf_home == Path("/elsewhere/hf")
+    assert r2.config.data_backend_config == "/data/mdb.json"
+
+
+def test_workspace_config_file_is_found_and_no_demo(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.json").write_text(json.dumps({"--max_train_steps": 12}))
+    r = resolve(env_for(tmp_path))
+    assert r.config_path == tmp_path / "config" / "config.json"
+    assert r.preset is None and not r.demo_fallback
+    assert r.config.max_train_steps == 12
+
+
+def test_no_preset_no_file_means_demo(tmp_path):
+    r = resolve(env_for(tmp_path))
+    assert r.demo_fallback and r.preset == "demo"
+    assert r.config.pretrained_model_name_or_path == "builtin:tiny-sana"
+    assert r.provenance["pretrained_model_name_or_path"] == "preset:demo"
+
+
+# ---------------------------------------------------------------- SimpleTuner compatibility
+
+
+def test_simpletuner_config_json_loads_with_types(tmp_path):
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps({
+        "--learning_rate": 1e-5, "--use_ema": "false", "--gradient_checkpointing": "true",
+        "--validation_num_inference_steps": "20", "--max_train_steps": "1000", "--model_type": "full",
+        "--model_family": "sana", "--optimizer": "adamw_bf16", "--validation_guidance_rescale": "0.0",
+        "--disable_benchmark": "false", "--resolution": 1024, "--resolution_type": "pixel_area",
+        "--push_to_hub": False, "--report_to": "none", "--seed": 42, "--checkpoints_total_limit": 5,
+    }))
+    r = resolve(env_for(tmp_path, CONFIG_PATH=str(cfg_file)))
+    c = r.config
+    assert c.learning_rate == 1e-5 and isinstance(c.learning_rate, float)
+    assert c.use_ema is False
+    assert c.gradient_checkpointing is True
+    assert c.validation_num_inference_steps == 20 and c.max_train_steps == 1000
+    assert c.optimizer == "optimi-adamw"
+    # Ignored SimpleTuner keys are reported, not fatal.
+    assert any("validation_guidance_rescale" in w for w in r.warnings)
+    assert any("resolution" in w and "dataloader" in w for w in r.warnings)
+
+
+def test_string_false_is_honoured_everywhere(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text('use_ema: "false"\ngradient_checkpointing: "False"\n')
+    r = resolve(env_for(tmp_path, PRESET="demo", CONFIG_PATH=str(cfg_file)))
+    assert r.config.use_ema is False and r.config.gradient_checkpointing is False
+    assert resolve(env_for(tmp_path, PRESET="24g", SANA_GRADIENT_CHECKPOINTING="false")).config.gradient_checkpointing is False
+
+
+def test_shipped_seed_guide_sana_example_loads(tmp_path):
+    """SimpleTuner's own Sana example config (LoRA keys ignored except model_type)."""
+    cfg = {
+        "base_model_precision": "no_change", "caption_dropout_probability": 0.1, "checkpointing_steps": 50,
+        "compress_disk_cache": True, "gradient_checkpointing_interval": 1, "flow_schedule_shift": 3,
+        "gradient_checkpointing": True, "learning_rate": 2e-5, "lr_scheduler": "constant_with_warmup",
+        "max_grad_norm": 1, "mixed_precision": "bf16", "model_family": "sana", "model_type": "full",
+        "optimizer": "adamw_bf16", "pretrained_model_name_or_path": "terminusresearch/sana-1.6b-1024px",
+        "quantize_via": "cpu", "validation_resolution": "1024x1024", "validation_seed": 42, "use_ema": True,
+        "resume_from_checkpoint": "latest", "num_train_epochs": 0, "max_train_steps": 100,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    r = resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert r.config.flow_schedule_shift == 3.0 and r.config.max_grad_norm == 1.0
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_bad_env_number_names_the_variable(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, SANA_LEARNING_RATE="abc"))
+    text = problems_of(exc)
+    assert "SANA_LEARNING_RATE" in text and "learning_rate" in text and "1e-5" in text
+    assert exc.value.exit_code == 2
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"learning_rat": 1e-5}))
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert "learning_rat" in problems_of(exc) and "did you mean `learning_rate`" in problems_of(exc)
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, SANA_TRAIN_BATCH_SIZ="2"))
+    assert "SANA_TRAIN_BATCH_SIZ" in problems_of(exc) and "train_batch_size" in problems_of(exc)
+
+
+def test_all_problems_reported_together(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: -1\nema_decay: 2\ntrain_batch_size: 0\nbogus_key: 1\nmixed_precision: fp8\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(path), SANA_SEED="1.5"))
+    text = problems_of(exc)
+    for needle in ("learning_rate=-1", "must be > 0", "ema_decay=2", "train_batch_size=0", "bogus_key",
+                   "mixed_precision='fp8'", "bf16, fp16, no", "SANA_SEED"):
+        assert needle in text, needle
+    assert len(exc.value.problems) >= 6
+
+
+def test_nf4_full_rank_is_refused_with_pointer(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24g", SANA_BASE_MODEL_PRECISION="nf4-bnb"))
+    text = problems_of(exc)
+    assert "base_model_precision='nf4-bnb'" in text and "cannot be trained" in text and "lowest-vram" in text
+
+
+def test_lora_is_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"--model_type": "lora"}))
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert "full-rank" in problems_of(exc)
+
+
+def test_cross_field_rules(tmp_path):
+    cases = [
+        ({"SANA_PUSH_TO_HUB": "true"}, "hub_model_id"),
+        ({"SANA_PUSH_TO_HUB": "true", "SANA_HUB_MODEL_ID": "me/x"}, "HF_TOKEN"),
+        ({"SANA_REPORT_TO": "wandb"}, "WANDB_API_KEY"),
+        ({"SANA_VALIDATION_RESOLUTION": "10x"}, "validation_resolution"),
+        ({"SANA_MAX_TRAIN_STEPS": "0"}, "num_train_epochs"),
+        ({"SANA_GRADIENT_CHECKPOINTING_INTERVAL": "2", "SANA_GRADIENT_CHECKPOINTING": "false"}, "gradient_checkpointing"),
+    ]
+    for extra, needle in cases:
+        with pytest.raises(ConfigError) as exc:
+            resolve(env_for(tmp_path, PRESET="24g", **extra))
+        assert needle in problems_of(exc), (extra, problems_of(exc))
+
+
+def test_bad_files_and_presets(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(tmp_path / "missing.yaml")))
+    assert "does not exist" in problems_of(exc)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(broken)))
+    assert "not valid JSON" in problems_of(exc)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(listy)))
+    assert "mapping" in problems_of(exc)
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24gb"))
+    assert "did you mean `24g`" in problems_of(exc)
+
+
+def test_secrets_never_in_config_or_errors(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"hub_token": "hf_supersecret123"}))
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert "hf_supersecret123" not in str(exc.value) and "HF_TOKEN" in str(exc.value)
+    env = env_for(tmp_path, PRESET="24g", HF_TOKEN="hf_plantedtoken999", SANA_HUB_MODEL_ID="me/hf_plantedtoken999")
+    r = resolve(env)
+    assert r.credentials.hf_token == "hf_plantedtoken999"
+    assert "hf_plantedtoken999" not in json.dumps(r.redacted())
+    assert "hf_plantedtoken999" not in repr(r)
+
+
+# ---------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("name", ["demo", "lowest-vram", "24g", "multi-gpu"])
+def test_every_preset_resolves_and_documents_itself(tmp_path, name):
+    preset = presets.load(name)
+    header = preset.path.read_text().splitlines()[:4]
+    assert header[0].startswith("#") and any("docker run" in line for line in preset.path.read_text().splitlines()[:6])
+    assert preset.description and preset.hardware and preset.memory
+    r = resolve(env_for(tmp_path, PRESET=name))
+    assert isinstance(r.config, TrainConfig)
+    assert all(r.provenance[k] == f"preset:{name}" for k in preset.values)
+
+
+def test_lowest_vram_is_true_full_rank(tmp_path):
+    c = resolve(env_for(tmp_path, PRESET="lowest-vram")).config
+    assert c.model_type == "full" and c.base_model_precision == "no_change"
+    assert c.optimizer.startswith("bnb-lion8bit") and c.gradient_checkpointing and c.train_batch_size == 1
+    assert c.mixed_precision == "bf16" and c.text_encoder_1_precision == "nf4-bnb"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_config_prints_every_key_with_source(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("PRESET", "24g")
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out
+    for f in fields():
+        assert any(line.startswith(f.name + " ") and "# " in line for line in out.splitlines()), f.name
+    assert "# preset:24g" in out and "# default" in out
+    assert not (tmp_path / "output").exists()  # no side effects
+    assert main(["config", "--json", "--set", "seed=3", "--learning_rate=3e-5"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["keys"]["seed"] == {"value": 3, "source": "cli"}
+    assert doc["keys"]["learning_rate"]["value"] == 3e-5
+
+
+def test_cli_exit_code_2_on_bad_env(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORKSPACE", str(tmp_path))
+    monkeypatch.setenv("SANA_LEARNING_RATE", "abc")
+    assert main(["config"]) == 2
+    assert "SANA_LEARNING_RATE" in capsys.readouterr().err
+    assert main(["config", "--set", "nokey"]) == 2
+
+
+def test_entrypoint_and_console_script_agree(tmp_path):
+    env = {**os.environ, "WORKSPACE": str(tmp_path), "PRESET": "24g"}
+    env.pop("SANA_LEARNING_RATE", None)
+    a = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "presets"], capture_output=True, text=True, env=env)
+    b = subprocess.run([sys.executable, "-m", "sana_appliance", "presets"], capture_output=True, text=True, env=env)
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
+    for name in ("demo", "lowest-vram", "24g", "multi-gpu"):
+        assert name in a.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "config"], capture_output=True, text=True,
+                         env={**env, "SANA_LEARNING_RATE": "abc"})
+    assert bad.returncode == 2 and "SANA_LEARNING_RATE" in bad.stderr
