@@ -116,7 +116,11 @@ class TextEmbedCache(KeyedCache):
 
     def empty_key(self) -> str:
         """The unconditional embedding ("" without the instruction), as inference's CFG uses."""
-        return self.encoding.key("", use_instruction=False)
+        return self.negative_key("")
+
+    def negative_key(self, text: str) -> str:
+        """Negative prompts are encoded without the instruction, as SanaPipeline does."""
+        return self.encoding.key(text, use_instruction=False)
 
     def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         return unpack_embedding(load_file(self.path(key)))
@@ -144,12 +148,12 @@ class TextEmbedCache(KeyedCache):
             chunk = mine[start:start + batch_size]
             embeds, mask, empty_embeds, empty_mask = encode(chunk)
             for caption, e, m in zip(chunk, embeds, mask):
-                self._write(self.key(caption), e, m, caption)
+                self.write(self.key(caption), e, m, caption)
             if need_empty:
-                self._write(self.empty_key(), empty_embeds[0], empty_mask[0], "")
+                self.write(self.empty_key(), empty_embeds[0], empty_mask[0], "")
                 need_empty = False
 
-    def _write(self, key: str, embeds: torch.Tensor, mask: torch.Tensor, caption: str) -> None:
+    def write(self, key: str, embeds: torch.Tensor, mask: torch.Tensor, caption: str) -> None:
         meta = {"caption": caption, "encoder": self.encoding.encoder_identity,
                 "max_length": str(self.encoding.max_length), "format": FORMAT_VERSION}
         atomic_save(pack_embedding(embeds.detach().cpu(), mask.detach().cpu()), self.path(key), meta)

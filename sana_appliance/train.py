@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import itertools
-import json
 import logging
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Optional
@@ -98,7 +97,7 @@ class Run:
         from accelerate import Accelerator
 
         from . import optimizers
-        from .dataconfig import build_plan
+        from .dataplan import build_plan
         from .sampler import BucketBatchSampler
 
         cfg, t0 = self.cfg, time.monotonic()
@@ -124,7 +123,8 @@ class Run:
 
         per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
         self.plan = build_plan(cfg.data_backend_config, self.resolved.workspace, size_multiple=self.parts.size_multiple,
-                               seed=cfg.seed, min_samples=per_step)
+                               seed=cfg.seed, min_samples=per_step, hub=self.resolved.hub,
+                               credentials=self.resolved.credentials)
         if self.is_main:
             self.plan.write_report(self.output_dir)
         self.timings["setup_s"] = time.monotonic() - t0
@@ -187,6 +187,13 @@ class Run:
             return e.to(self.compute_dtype), m, ne.to(self.compute_dtype), nm
 
         self.text_cache.fill(captions, encode, self.plan.text_embeds.write_batch_size, rank, world)
+        negative = cfg.validation_negative_prompt
+        if negative and self.prompts and rank == 0 and not self.text_cache.has(self.text_cache.negative_key(negative)):
+            with torch.no_grad():
+                _, _, ne, nm = pipe.encode_prompt([negative], do_classifier_free_guidance=True, negative_prompt=negative,
+                                                  device=self.device, max_sequence_length=cfg.tokenizer_max_length,
+                                                  complex_human_instruction=instruction)
+            self.text_cache.write(self.text_cache.negative_key(negative), ne[0].to(self.compute_dtype), nm[0], negative)
         self.accelerator.wait_for_everyone()
         del pipe, text_encoder
         parts.text_encoder = None  # Gemma-2 leaves memory: embeddings are on disk now
@@ -253,6 +260,7 @@ class Run:
         if self.ema is not None:
             objects["ema_meta"] = {k: v for k, v in self.ema.state_dict().items() if not torch.is_tensor(v)}
         state = {"step": self.step, "batches_consumed": self.batches_consumed, "world_size": self.world,
+                 "sampler": self.sampler.state_dict(batches_consumed=self.batches_consumed),
                  "config_hash": checkpoints.config_hash(dataclasses.asdict(self.cfg)),
                  "config": self.resolved.redacted(), "tracker_run_id": self.tracker.run_id,
                  "nonfinite_total": self.nonfinite_total, "model": self.model_info}
@@ -291,23 +299,18 @@ class Run:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["generator"])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        self.sampler.load_state_dict(state["sampler"])
         self.tracker_run_id, self.nonfinite_total = state.get("tracker_run_id"), state.get("nonfinite_total", 0)
         log.info("resumed from %s (step %d)", ref.path.name, self.step)
 
     # ------------------------------------------------------------ loop
 
     def _batches(self) -> Iterator[dict]:
-        """Batches in sampler order, skipping those consumed before a resume."""
+        """Batches in sampler order; after a resume the sampler continues at the saved position."""
         dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
 
-        def index_batches():
-            for epoch in itertools.count():
-                self.sampler.set_epoch(epoch)
-                yield from iter(self.sampler)
-
-        skipped = itertools.islice(index_batches(), self.batches_consumed, None)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=skipped, num_workers=self.cfg.dataloader_num_workers,
-                                             worker_init_fn=_ignore_stop_signals, persistent_workers=False)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=self.cfg.dataloader_num_workers,
+                                             worker_init_fn=_ignore_stop_signals)
         for batch in loader:
             self.batches_consumed += 1
             yield batch
@@ -363,7 +366,7 @@ class Run:
         context = self.ema.swapped_into(self.transformer) if self.ema is not None else _nullcontext()
         with context:
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=self.transformer, parts=self.parts,
-                                             prompts=embeds, empty=self.empty, out_dir=self.output_dir / "validation",
+                                             prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
                                              device=self.device, dtype=self.weight_dtype)
 
     def train(self) -> None:
@@ -371,6 +374,8 @@ class Run:
 
         cfg = self.cfg
         self.empty = self.text_cache.load(self.text_cache.empty_key())
+        negative = self.cfg.validation_negative_prompt
+        self.negative = self.text_cache.load(self.text_cache.negative_key(negative)) if negative and self.prompts else self.empty
         self.stop.install()
         self.eval_start = self.eval_loss()
         if self.is_main:
@@ -379,7 +384,8 @@ class Run:
         batches = self._batches()
         consecutive_bad = 0
         samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not self.is_main, unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
         t_loop, steps_run = time.monotonic(), 0
         while self.step < self.max_steps:
             losses = []
@@ -510,4 +516,3 @@ def train(resolved: Resolved) -> None:
         run.close()
 
 
-__all__ = ["train", "Run", "json"]

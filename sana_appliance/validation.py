@@ -94,6 +94,7 @@ def run_validation(
                     result = pipe(
                         prompt_embeds=item.embeds[None].to(device, dtype),
                         prompt_attention_mask=item.mask[None].to(device),
+                        negative_prompt=None,
                         negative_prompt_embeds=empty[0][None].to(device, dtype),
                         negative_prompt_attention_mask=empty[1][None].to(device),
                         guidance_scale=cfg.validation_guidance,
