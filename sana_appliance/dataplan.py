@@ -19,11 +19,14 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from .dataconfig import Backend, TextEmbedsBackend, load_data_config
 from .errors import AssetError, DataError
@@ -240,7 +243,9 @@ def discover_backend(
             return exc
 
     workers = max_workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        # probe_image enforces its own pixel limit; PIL's duplicate warning is noise.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         infos = list(pool.map(probe, captioned))
     samples: list[Sample] = []
     for (path, caption), info in zip(captioned, infos, strict=True):
@@ -283,7 +288,9 @@ def _reason_kind(reason: str) -> str:
     return "other"
 
 
-def _fetch_hub_backends(backends: list[Backend], workspace: Workspace, hub: Any, credentials: Any) -> None:
+def _fetch_hub_backends(backends: list[Backend], hub: Any, credentials: Any) -> dict[str, str]:
+    """Download every `type: huggingface` dataset into its folder; returns {id: commit sha}."""
+    commits: dict[str, str] = {}
     for backend in backends:
         if backend.type != "huggingface":
             continue
@@ -294,9 +301,12 @@ def _fetch_hub_backends(backends: list[Backend], workspace: Workspace, hub: Any,
                 f"dataset `{backend.id}` is type huggingface ({backend.hf_dataset_name}) but this build cannot "
                 f"download datasets ({exc}); download it into {backend.instance_data_dir} and use type local"
             ) from None
-        fetch_dataset(
+        result = fetch_dataset(
             backend.hf_dataset_name, backend.hf_revision, dest=backend.instance_data_dir, hub=hub, credentials=credentials
         )
+        if isinstance(result, tuple) and len(result) == 2:
+            commits[backend.id] = str(result[1])
+    return commits
 
 
 def build_plan(
@@ -312,7 +322,7 @@ def build_plan(
     if size_multiple < 1:
         raise ValueError(f"size_multiple must be >= 1, got {size_multiple}")
     backends, text = load_data_config(spec, workspace)
-    _fetch_hub_backends(backends, workspace, hub, credentials)
+    commits = _fetch_hub_backends(backends, hub, credentials)
     samples: list[Sample] = []
     skipped: list[dict] = []
     stats: dict[str, dict] = {}
@@ -320,6 +330,8 @@ def build_plan(
         b_samples, b_skipped, b_stats = discover_backend(backend, size_multiple=size_multiple, seed=seed)
         samples += b_samples
         skipped += b_skipped
+        if backend.id in commits:
+            b_stats["hub_dataset"] = {"repo_id": backend.hf_dataset_name, "commit": commits[backend.id]}
         stats[backend.id] = b_stats
         kinds = ", ".join(f"{n} {k}" for k, n in b_stats["skipped_by_reason"].items()) or "none"
         log.info(

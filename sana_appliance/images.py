@@ -23,7 +23,6 @@ import io
 import json
 import math
 import random
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,9 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .dataconfig import Backend
 
-# 128 MP: above any camera a user fine-tunes on, far below what a crafted header
-# can claim (a 30000x30000 PNG of a few hundred bytes would need 2.7 GB decoded).
-MAX_IMAGE_PIXELS = 2**27
+# PIL's own default bomb threshold (~89 MP, e.g. 9459x9459): above any photo a user
+# fine-tunes on, far below what a crafted header can claim (a 30000x30000 PNG of a
+# few hundred bytes would need 2.7 GB decoded). Using the same value means a file
+# that passes discovery never triggers PIL's warning in load_pixels.
+MAX_IMAGE_PIXELS = 89_478_485
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 # Aspect ratios beyond this are clamped to it when choosing a bucket: the cover
 # resize then crops the excess (a 10:1 panorama trains as its central 4:1 part).
@@ -108,26 +109,25 @@ def probe_image(path: Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> ImageInfo:
     if not data:
         raise UnusableImage("empty file (0 bytes)")
     digest = hashlib.sha256(data).hexdigest()
-    with warnings.catch_warnings():
-        # The header check below is our bomb guard; PIL's own warning would only
-        # duplicate it (and is process-global noise).
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                width, height = im.size
-                mode, fmt = im.mode, (im.format or "unknown")
-                if width * height > max_pixels:
-                    raise UnusableImage(_bomb_reason(width, height, max_pixels))
-                orientation = _orientation(im)
-            _check_complete(data, fmt)
-        except UnusableImage:
-            raise
-        except Image.DecompressionBombError:
-            raise UnusableImage(_bomb_reason(*_header_size(data), max_pixels)) from None
-        except UnidentifiedImageError:
-            raise UnusableImage("not an image (PIL cannot identify the file format)") from None
-        except (OSError, ValueError, SyntaxError, EOFError) as exc:
-            raise UnusableImage(f"corrupt or truncated image: {exc}") from None
+    # Our header check is the bomb guard. PIL also warns (DecompressionBombWarning)
+    # for huge headers; discover_backend silences that around its thread pool,
+    # because warning filters are process-wide and not safe to toggle per thread.
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            mode, fmt = im.mode, (im.format or "unknown")
+            if width * height > max_pixels:
+                raise UnusableImage(_bomb_reason(width, height, max_pixels))
+            orientation = _orientation(im)
+        _check_complete(data, fmt)
+    except UnusableImage:
+        raise
+    except Image.DecompressionBombError:
+        raise UnusableImage(_bomb_reason(*_header_size(data), max_pixels)) from None
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image (PIL cannot identify the file format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise UnusableImage(f"corrupt or truncated image: {exc}") from None
     if width < 1 or height < 1:
         raise UnusableImage(f"invalid image size {width}x{height}")
     if orientation in _TRANSPOSED_ORIENTATIONS:
@@ -362,12 +362,10 @@ def load_pixels(sample: Sample) -> torch.Tensor:
             "restart the run so it is scanned again"
         )
     t = sample.transform
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            oriented = _apply_orientation(im, t["exif_orientation"])
-            rgb = to_rgb(oriented)
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        oriented = _apply_orientation(im, t["exif_orientation"])
+        rgb = to_rgb(oriented)
     if list(rgb.size) != t["oriented_size"]:
         raise DataError(f"{sample.path}: decoded size {rgb.size} differs from the scanned size {t['oriented_size']}")
     if t["resize"] is not None:
