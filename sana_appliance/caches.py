@@ -19,9 +19,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,7 +81,7 @@ class TextEncoding:
     """Everything that decides a caption's embedding besides the caption itself."""
 
     encoder_identity: str
-    instruction: Optional[tuple[str, ...]]
+    instruction: tuple[str, ...] | None
     max_length: int
     dtype: str
 

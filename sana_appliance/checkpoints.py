@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,7 +81,7 @@ def list_checkpoints(root: Path) -> tuple[list[CheckpointRef], list[Path]]:
     return valid, invalid
 
 
-def find_resume(setting: str, root: Path) -> Optional[CheckpointRef]:
+def find_resume(setting: str, root: Path) -> CheckpointRef | None:
     """Which checkpoint `resume_from_checkpoint` designates (None: start fresh)."""
     if setting.lower() in ("none", "false", ""):
         return None
@@ -148,7 +148,7 @@ def load(ref: CheckpointRef) -> tuple[dict[str, dict[str, torch.Tensor]], dict[s
     return tensors, objects, state
 
 
-def prune(root: Path, limit: Optional[int]) -> list[Path]:
+def prune(root: Path, limit: int | None) -> list[Path]:
     """Delete the oldest valid checkpoints beyond `limit` (never the newest) and leftover temp folders."""
     removed = []
     for leftover in root.glob(".checkpoint-*.tmp"):

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import __version__
 from . import presets as presets_mod
@@ -123,7 +123,7 @@ def _print_presets() -> None:
         print(f"{'':<{width}}  hardware: {p.hardware}; memory: {p.memory}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     try:

@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -32,7 +31,7 @@ def export_final(
     *,
     output_dir: Path,
     transformer,
-    ema_state: Optional[dict[str, torch.Tensor]],
+    ema_state: dict[str, torch.Tensor] | None,
     parts,
     card: str,
     sample_images: list[Path],

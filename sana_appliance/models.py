@@ -17,7 +17,7 @@ import string
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -38,7 +38,6 @@ class SanaParts:
     path: Path
     transformer: Any  # SanaTransformer2DModel
     vae: Any  # AutoencoderDC
-    text_encoder: Any  # Gemma2Model
     tokenizer: Any
     scheduler_config: dict
     identity: str  # stable id of the weights for cache keys and run.json
@@ -61,7 +60,7 @@ def default_complex_human_instruction() -> list[str]:
     return list(default)
 
 
-def complex_human_instruction(setting: str) -> Optional[list[str]]:
+def complex_human_instruction(setting: str) -> list[str] | None:
     """Map the config value to what SanaPipeline.encode_prompt expects."""
     if setting == "default":
         return default_complex_human_instruction()
@@ -149,23 +148,42 @@ def load_parts(path: Path, identity: str, weight_dtype: torch.dtype) -> SanaPart
     """Load a diffusers Sana folder. The transformer is stored in `weight_dtype` (it trains);
     the VAE stays fp32 (deterministic latents) and the text encoder in its saved dtype."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
-    from transformers import AutoTokenizer, Gemma2Model
+    from transformers import AutoTokenizer
 
-    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):  # text_encoder: loaded on demand
         if not (path / sub).is_dir():
             raise AssetError(f"model folder {path} has no {sub}/: it must be a diffusers Sana pipeline folder")
     transformer = SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype)
     vae = AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-    text_encoder = Gemma2Model.from_pretrained(path / "text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
     scheduler_file = path / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
-    for module in (vae, text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    vae.requires_grad_(False)
+    vae.eval()
     transformer.requires_grad_(True)
     transformer.train()
-    return SanaParts(path, transformer, vae, text_encoder, tokenizer, scheduler_config, identity)
+    return SanaParts(path, transformer, vae, tokenizer, scheduler_config, identity)
+
+
+def load_text_encoder(path: Path, cfg, device: torch.device):
+    """The frozen Gemma-2, only while captions are encoded. `text_encoder_1_precision: nf4-bnb`
+    loads it 4-bit (bitsandbytes), which is safe because it is never trained."""
+    from transformers import Gemma2Model
+
+    kwargs: dict = {}
+    if cfg.text_encoder_1_precision == "nf4-bnb":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+        # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
+        kwargs["device_map"] = {"": "cpu" if cfg.quantize_via == "cpu" or device.type != "cuda" else device.index or 0}
+    encoder = Gemma2Model.from_pretrained(path / "text_encoder", **kwargs)
+    encoder.requires_grad_(False)
+    encoder.eval()
+    if "quantization_config" not in kwargs or device.type == "cuda":
+        encoder.to(device)
+    return encoder
 
 
 def locate_model(spec: str, revision: str, resolved) -> tuple[Path, dict]:

@@ -6,7 +6,7 @@ import difflib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -31,12 +31,12 @@ def presets_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "presets"
 
 
-def available(directory: Optional[Path] = None) -> list[str]:
+def available(directory: Path | None = None) -> list[str]:
     directory = directory or presets_dir()
     return sorted(p.stem for p in directory.glob("*.yaml"))
 
 
-def load(name: str, directory: Optional[Path] = None) -> Preset:
+def load(name: str, directory: Path | None = None) -> Preset:
     directory = directory or presets_dir()
     path = directory / f"{name}.yaml"
     if not path.is_file():

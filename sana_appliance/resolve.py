@@ -14,9 +14,10 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -51,8 +52,8 @@ CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
 class CliArgs:
     """What the command line contributed: a preset, a config file and key overrides."""
 
-    preset: Optional[str] = None
-    config_path: Optional[str] = None
+    preset: str | None = None
+    config_path: str | None = None
     overrides: Sequence[tuple[str, str]] = ()
 
 
@@ -84,8 +85,8 @@ class Workspace:
 class Credentials:
     """Secrets from the environment. Never printed, saved or uploaded."""
 
-    hf_token: Optional[str] = field(default=None, repr=False)
-    wandb_api_key: Optional[str] = field(default=None, repr=False)
+    hf_token: str | None = field(default=None, repr=False)
+    wandb_api_key: str | None = field(default=None, repr=False)
 
     def values(self) -> list[str]:
         return [v for v in (self.hf_token, self.wandb_api_key) if v]
@@ -93,18 +94,18 @@ class Credentials:
 
 @dataclass(frozen=True)
 class HubSettings:
-    endpoint: Optional[str] = None
+    endpoint: str | None = None
     offline: bool = False
-    wandb_mode: Optional[str] = None
+    wandb_mode: str | None = None
 
 
 @dataclass(frozen=True)
 class Resolved:
     config: TrainConfig
     provenance: dict[str, str]
-    preset: Optional[str]
+    preset: str | None
     demo_fallback: bool
-    config_path: Optional[Path]
+    config_path: Path | None
     workspace: Workspace
     credentials: Credentials
     hub: HubSettings
@@ -228,7 +229,7 @@ def convert(key: str, value: Any) -> Any:
 # ---------------------------------------------------------------- validate
 
 
-def _check_rules(key: str, value: Any) -> Optional[str]:
+def _check_rules(key: str, value: Any) -> str | None:
     meta = field_map()[key].metadata
     if value is None:
         return None
@@ -315,7 +316,7 @@ def _suggest(key: str) -> str:
 # ---------------------------------------------------------------- resolve
 
 
-def find_config_file(workspace_root: Path) -> Optional[Path]:
+def find_config_file(workspace_root: Path) -> Path | None:
     for name in CONFIG_FILE_NAMES:
         candidate = workspace_root / "config" / name
         if candidate.is_file():
@@ -323,7 +324,7 @@ def find_config_file(workspace_root: Path) -> Optional[Path]:
     return None
 
 
-def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Optional[Path] = None) -> Resolved:
+def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path | None = None) -> Resolved:
     """Resolve the run's configuration. Pure: reads only `env`, `cli` and config files.
 
     Precedence, lowest first: built-in defaults < preset < config file < environment < CLI.
@@ -347,7 +348,7 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Optio
 
     # Which config file.
     if cli.config_path:
-        config_path: Optional[Path] = workspace.resolve(cli.config_path)
+        config_path: Path | None = workspace.resolve(cli.config_path)
     elif env.get("CONFIG_PATH"):
         config_path = workspace.resolve(env["CONFIG_PATH"])
     else:

@@ -10,13 +10,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
 log = logging.getLogger("sana_appliance.tracking")
 
 
 class NullTracker:
-    run_id: Optional[str] = None
+    run_id: str | None = None
 
     def log(self, step: int, metrics: dict) -> None:
         pass
@@ -70,7 +69,7 @@ class TensorBoardTracker(NullTracker):
 
 
 class WandbTracker(NullTracker):
-    def __init__(self, project: str, run_name: Optional[str], config: dict, run_id: Optional[str], directory: Path, mode: Optional[str]):
+    def __init__(self, project: str, run_name: str | None, config: dict, run_id: str | None, directory: Path, mode: str | None):
         import wandb
 
         self._wandb = wandb
@@ -106,7 +105,7 @@ class Trackers(NullTracker):
             t.close()
 
 
-def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: Optional[str], wandb_mode: Optional[str], is_main: bool) -> NullTracker:
+def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: str | None, wandb_mode: str | None, is_main: bool) -> NullTracker:
     if not is_main:
         return NullTracker()
     trackers: list[NullTracker] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]

@@ -16,8 +16,8 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from . import caches, checkpoints, models, runinfo, tracking, validation
 from .errors import DivergedError, ExitCode, StopRequested
 from .flow import FlowSchedule
 from .resolve import Resolved
+from .schema import BUILTIN_DATASET
 
 log = logging.getLogger("sana_appliance.train")
 
@@ -65,7 +66,7 @@ class StopFlag:
     """Records the first SIGTERM/SIGINT; the loop checks it between steps."""
 
     def __init__(self):
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     def install(self) -> None:
@@ -127,6 +128,12 @@ class Run:
                                credentials=self.resolved.credentials)
         if self.is_main:
             self.plan.write_report(self.output_dir)
+        if cfg.data_backend_config == BUILTIN_DATASET:
+            from .demo_data import demo_eval_samples
+
+            self.eval_samples = demo_eval_samples(self.resolved.workspace, size_multiple=self.parts.size_multiple, seed=cfg.seed)
+        else:  # no held-out split in a user's data: a fixed subset, still a fixed measurement
+            self.eval_samples = self.plan.samples[:EVAL_SAMPLES]
         self.timings["setup_s"] = time.monotonic() - t0
 
         t0 = time.monotonic()
@@ -166,45 +173,26 @@ class Run:
     def _fill_caches(self) -> None:
         """Encode every caption and image not yet cached; then the frozen parts leave the accelerator."""
         cfg, parts, rank, world = self.cfg, self.parts, self.accelerator.process_index, self.world
-        from diffusers import SanaPipeline
-
         encoding = caches.TextEncoding(
-            encoder_identity=parts.identity, max_length=cfg.tokenizer_max_length, dtype=str(self.compute_dtype),
+            encoder_identity=f"{parts.identity}|text_encoder:{cfg.text_encoder_1_precision}",
+            max_length=cfg.tokenizer_max_length, dtype=str(self.compute_dtype),
             instruction=tuple(models.complex_human_instruction(cfg.sana_complex_human_instruction) or ()) or None,
         )
         self.text_cache = caches.TextEmbedCache(self.plan.text_embeds.cache_dir, encoding)
         self.prompts = validation.load_prompts(cfg) if cfg.validation_steps else {}
-        captions = [s.caption for s in self.plan.samples] + list(self.prompts.values())
-        text_encoder = parts.text_encoder.to(self.device)
-        pipe = SanaPipeline(tokenizer=parts.tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
-        instruction = list(encoding.instruction) if encoding.instruction else None
-
-        def encode(batch: list[str]):
-            with torch.no_grad():
-                e, m, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt="",
-                                                  device=self.device, max_sequence_length=cfg.tokenizer_max_length,
-                                                  complex_human_instruction=instruction)
-            return e.to(self.compute_dtype), m, ne.to(self.compute_dtype), nm
-
-        self.text_cache.fill(captions, encode, self.plan.text_embeds.write_batch_size, rank, world)
-        negative = cfg.validation_negative_prompt
-        if negative and self.prompts and rank == 0 and not self.text_cache.has(self.text_cache.negative_key(negative)):
-            with torch.no_grad():
-                _, _, ne, nm = pipe.encode_prompt([negative], do_classifier_free_guidance=True, negative_prompt=negative,
-                                                  device=self.device, max_sequence_length=cfg.tokenizer_max_length,
-                                                  complex_human_instruction=instruction)
-            self.text_cache.write(self.text_cache.negative_key(negative), ne[0].to(self.compute_dtype), nm[0], negative)
+        captions = [s.caption for s in self.plan.samples + self.eval_samples] + list(self.prompts.values())
+        negatives = [cfg.validation_negative_prompt] if cfg.validation_negative_prompt and self.prompts else []
+        self._fill_text_cache(captions, negatives, rank, world)
         self.accelerator.wait_for_everyone()
-        del pipe, text_encoder
-        parts.text_encoder = None  # Gemma-2 leaves memory: embeddings are on disk now
         gc.collect()
 
         latent_encoding = caches.LatentEncoding(parts.identity, float(parts.vae.config.scaling_factor))
         backends = {b.id: b for b in self.plan.backends}
         self.latent_caches = {bid: caches.LatentCache(Path(b.cache_dir_vae), latent_encoding) for bid, b in backends.items()}
-        self.latent_keys = [self.latent_caches[s.backend_id].key_for(s) for s in self.plan.samples]
+        self.latent_keys = self._latent_keys(self.plan.samples)
+        self.eval_keys = self._latent_keys(self.eval_samples)
         if not cfg.vae_cache_disable:
-            self._fill_latents(rank, world)
+            self._fill_latents(self.plan.samples + self.eval_samples, self.latent_keys + self.eval_keys, rank, world)
         self.accelerator.wait_for_everyone()
         if not cfg.vae_cache_disable:
             parts.vae.to("cpu")  # needed again only to decode validation images
@@ -217,14 +205,44 @@ class Run:
                             "latent_hits": sum(c.stats.hits for c in self.latent_caches.values()),
                             "latent_encoded": sum(c.stats.misses for c in self.latent_caches.values())}
 
-    def _fill_latents(self, rank: int, world: int) -> None:
+    def _fill_text_cache(self, captions: list[str], negatives: list[str], rank: int, world: int) -> None:
+        """Gemma-2 is loaded only when some caption is missing from the cache, and freed on return."""
+        cache, cfg = self.text_cache, self.cfg
+        missing = [c for c in set(captions) if not cache.has(cache.key(c))]
+        missing_neg = [n for n in negatives if not cache.has(cache.negative_key(n))]
+        if not missing and not missing_neg and cache.has(cache.empty_key()):
+            cache.stats.hits += len(set(captions))
+            return
+        from diffusers import SanaPipeline
+
+        text_encoder = models.load_text_encoder(self.parts.path, cfg, self.device)
+        pipe = SanaPipeline(tokenizer=self.parts.tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
+        instruction = list(cache.encoding.instruction) if cache.encoding.instruction else None
+
+        @torch.no_grad()
+        def encode(batch: list[str], negative: str = ""):
+            e, m, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt=negative,
+                                              device=self.device, max_sequence_length=cfg.tokenizer_max_length,
+                                              complex_human_instruction=instruction)
+            return e.to(self.compute_dtype), m, ne.to(self.compute_dtype), nm
+
+        cache.fill(captions, encode, self.plan.text_embeds.write_batch_size, rank, world)
+        if rank == 0:
+            for negative in missing_neg:
+                _, _, ne, nm = encode([negative], negative)
+                cache.write(cache.negative_key(negative), ne[0], nm[0], negative)
+
+    def _latent_keys(self, samples) -> list[str]:
+        return [self.latent_caches[s.backend_id].key_for(s) for s in samples]
+
+    def _fill_latents(self, samples, keys, rank: int, world: int) -> None:
         from .images import load_pixels
 
         vae = self.parts.vae.to(self.device)
         todo = []
-        for index, sample in enumerate(self.plan.samples):
+        for index, sample in enumerate(samples):
             cache = self.latent_caches[sample.backend_id]
-            if cache.has(self.latent_keys[index]):
+            if cache.has(keys[index]):
                 cache.stats.hits += 1
             else:
                 cache.stats.misses += 1
@@ -232,16 +250,15 @@ class Run:
         mine = todo[rank::world]
         by_size: dict[tuple, list[int]] = {}
         for index in mine:
-            by_size.setdefault(self.plan.samples[index].size, []).append(index)
+            by_size.setdefault(samples[index].size, []).append(index)
         for indices in by_size.values():
             for start in range(0, len(indices), self.cfg.vae_batch_size):
                 chunk = indices[start:start + self.cfg.vae_batch_size]
-                pixels = torch.stack([load_pixels(self.plan.samples[i]) for i in chunk]).to(self.device, torch.float32)
+                pixels = torch.stack([load_pixels(samples[i]) for i in chunk]).to(self.device, torch.float32)
                 with torch.no_grad():
                     latents = vae.encode(pixels).latent * vae.config.scaling_factor
                 for i, lat in zip(chunk, latents):
-                    sample = self.plan.samples[i]
-                    self.latent_caches[sample.backend_id].write(self.latent_keys[i], lat, str(sample.path))
+                    self.latent_caches[samples[i].backend_id].write(keys[i], lat, str(samples[i].path))
 
     # ------------------------------------------------------------ state
 
@@ -315,7 +332,7 @@ class Run:
             self.batches_consumed += 1
             yield batch
 
-    def _loss(self, batch: dict, generator: torch.Generator, sigmas: Optional[torch.Tensor] = None, dropout: bool = True) -> torch.Tensor:
+    def _loss(self, batch: dict, generator: torch.Generator, sigmas: torch.Tensor | None = None, dropout: bool = True) -> torch.Tensor:
         cfg = self.cfg
         if "pixels" in batch:
             with torch.no_grad():
@@ -345,7 +362,7 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Loss on fixed samples with fixed sigmas and noise: comparable across steps and runs."""
-        dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+        dataset = CachedDataset(self.eval_samples, self.eval_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
         count = min(EVAL_SAMPLES, len(dataset))
         generator = torch.Generator("cpu").manual_seed(1234)
         sigmas = torch.linspace(0.1, 0.9, count)
