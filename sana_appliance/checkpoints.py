@@ -125,11 +125,15 @@ def save(
         with open(tmp / MARKER, "rb") as fh:
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # a stale complete or incomplete folder of the same step
-            shutil.rmtree(final)
+        stale = None
+        if final.exists():  # a folder of the same step: move it aside in one atomic rename, never delete in place
+            stale = root / f".checkpoint-{step}.stale-{os.getpid()}.tmp"
+            os.replace(final, stale)
         os.replace(tmp, final)
         _fsync_dir(root)
-    except OSError as exc:
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
+    except Exception as exc:  # OSError, or safetensors' own error wrapping ENOSPC
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(
             f"saving checkpoint-{step} in {root} failed ({exc}); earlier checkpoints are intact. "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -21,7 +21,7 @@ from .errors import ConfigError
 class EMA:
     """fp32 EMA of a model's trainable parameters, addressed by parameter name."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, device: Optional[torch.device] = None):
+    def __init__(self, model: torch.nn.Module, decay: float, device: torch.device | None = None):
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"ema decay must be in (0, 1], got {decay}")
         self.decay = decay

@@ -44,8 +44,8 @@ negligible in a large model). Temporaries during ``step`` are bounded per chunk
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -165,7 +165,7 @@ def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_t
 # ----------------------------------------------------------- extended precision
 
 
-def _compose(weight: torch.Tensor, residual: Optional[torch.Tensor], bits: int) -> torch.Tensor:
+def _compose(weight: torch.Tensor, residual: torch.Tensor | None, bits: int) -> torch.Tensor:
     """fp32 value of a bf16 weight plus its extra mantissa bits (exact)."""
     value = weight.float()
     if residual is None:
@@ -177,17 +177,22 @@ def _compose(weight: torch.Tensor, residual: Optional[torch.Tensor], bits: int) 
 def _decompose(value: torch.Tensor, bits: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Stochastically round fp32 to 8+bits mantissa bits; split into (bf16, packed residual).
 
+    Consumes ``value`` (its storage is reused).
+
     Integer arithmetic on the fp32 bit pattern acts on the magnitude for both signs, so
     adding uniform noise below the kept bits then truncating rounds each magnitude up
     with probability equal to the dropped fraction: unbiased. The bf16 part is the
     round-to-nearest of the kept value, so the forward pass sees the closest bf16.
     """
     shift = 16 - bits
-    pattern = value.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << shift, pattern.shape, dtype=torch.int32, device=pattern.device, generator=generator)
-    kept = (pattern + noise) & -(1 << shift)
-    high = (kept + 0x8000) & -0x10000
-    extra = (kept - high) >> shift  # in [-2^(bits-1), 2^(bits-1) - 1]
+    # In place on value's storage (a working copy the caller discards) to keep the
+    # temporaries at two int32 tensors the size of one parameter.
+    kept = value.contiguous().view(torch.int32)
+    kept.add_(torch.randint(0, 1 << shift, kept.shape, dtype=torch.int32, device=kept.device, generator=generator))
+    kept.bitwise_and_(-(1 << shift))
+    high = kept + 0x8000
+    high.bitwise_and_(-0x10000)
+    extra = kept.sub_(high).bitwise_right_shift_(shift)  # in [-2^(bits-1), 2^(bits-1) - 1]
     return high.view(torch.float32).to(torch.bfloat16), _pack(extra, bits)
 
 
@@ -235,7 +240,7 @@ class ExtendedPrecision(torch.optim.Optimizer):
         self.seed = seed
         self.max_working_elements = max_working_elements
         self._residuals: dict[torch.Tensor, torch.Tensor] = {}
-        self._generator: Optional[torch.Generator] = None
+        self._generator: torch.Generator | None = None
         self._link()
 
     def _link(self) -> None:
@@ -259,7 +264,7 @@ class ExtendedPrecision(torch.optim.Optimizer):
         return self._generator
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Callable[[], float] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -163,7 +163,7 @@ class Run:
         self.ckpt_bytes = checkpoints.estimate_bytes(n_params, torch.finfo(self.weight_dtype).bits // 8, bytes_per_param, cfg.use_ema)
         checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
 
-        self.step, self.batches_consumed, self.tracker_run_id = 0, 0, None
+        self.step, self.batches_consumed, self.tracker_run_id, self.last_saved_step = 0, 0, None, None
         self.nonfinite_total = 0
         if self.resume_ref is not None:
             self._load_checkpoint(self.resume_ref)
@@ -288,6 +288,7 @@ class Run:
             checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
             self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
             log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
+        self.last_saved_step = self.step
         self.accelerator.wait_for_everyone()
         return path or self.ckpt_root / f"checkpoint-{self.step}"
 
@@ -316,6 +317,7 @@ class Run:
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.generator.set_state(rng["generator"])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        self.last_saved_step = self.step
         self.sampler.load_state_dict(state["sampler"])
         self.tracker_run_id, self.nonfinite_total = state.get("tracker_run_id"), state.get("nonfinite_total", 0)
         log.info("resumed from %s (step %d)", ref.path.name, self.step)
@@ -482,7 +484,8 @@ class Run:
         from . import export
 
         cfg = self.cfg
-        self._save_checkpoint()
+        if self.last_saved_step != self.step:
+            self._save_checkpoint()
         if cfg.validation_steps:
             self._validation_round()
         self.eval_end = self.eval_loss()

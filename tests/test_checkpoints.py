@@ -1,0 +1,177 @@
+"""Checkpoints that survive anything: atomic saves, pruning, exact resume, SIGTERM, kill -9.
+
+Run: pytest tests/test_checkpoints.py   (~3 minutes on 2 cores; uses the shared demo run)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import cli_env, run_cli, start_cli
+from safetensors.torch import load_file
+
+from sana_appliance import checkpoints
+from sana_appliance.errors import ConfigError, DataError
+
+
+def save_dummy(root: Path, step: int) -> Path:
+    return checkpoints.save(root, step, tensors={"transformer": {"w": torch.full((2,), float(step))}},
+                            objects={"optimizer": {"step": step}}, state={"step": step})
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+class Reader:
+    """Drains a child's output in a thread so the pipe never blocks; lines are searchable."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=self._run, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _run(self, proc):
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, needle: str, timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(needle in line for line in list(self.lines)):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def text(self) -> str:
+        self.thread.join(timeout=10)
+        return "".join(self.lines)
+
+
+# ---------------------------------------------------------------- unit behaviour
+
+
+def test_folder_without_marker_is_never_a_checkpoint(tmp_path, caplog):
+    save_dummy(tmp_path, 10)
+    save_dummy(tmp_path, 20)
+    broken = tmp_path / "checkpoint-30"  # a save killed before its marker
+    broken.mkdir()
+    (broken / "transformer.safetensors").write_bytes(b"half")
+    valid, invalid = checkpoints.list_checkpoints(tmp_path)
+    assert [r.step for r in valid] == [10, 20] and invalid == [broken]
+    with caplog.at_level("WARNING"):
+        ref = checkpoints.find_resume("latest", tmp_path)
+    assert ref.step == 20 and "checkpoint-30" in caplog.text
+    assert checkpoints.find_resume("none", tmp_path) is None
+    with pytest.raises(ConfigError, match="COMPLETE"):
+        checkpoints.find_resume(str(broken), tmp_path)
+    with pytest.raises(ConfigError, match="latest"):
+        checkpoints.find_resume("checkpoint-99", tmp_path)
+    # Paths inside are relative: the folder still loads after the volume moves.
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    tensors, objects, state = checkpoints.load(checkpoints.find_resume("latest", moved))
+    assert state["step"] == 20 and float(tensors["transformer"]["w"][0]) == 20.0
+
+
+def test_prune_keeps_newest_and_cleans_temp(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_dummy(tmp_path, step)
+    (tmp_path / ".checkpoint-5.abc.tmp").mkdir()
+    removed = checkpoints.prune(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_disk_space_check_refuses_with_numbers(tmp_path):
+    with pytest.raises(DataError) as exc:
+        checkpoints.check_disk(tmp_path, 10**18)
+    assert "GiB free" in exc.value.message and "two" in exc.value.message and exc.value.exit_code == 4
+    checkpoints.check_disk(tmp_path, 1024)
+
+
+def test_failed_save_keeps_earlier_checkpoints(tmp_path):
+    """A real full disk: a 2 MiB tmpfs (skipped where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        checkpoints.save(mnt, 1, tensors={"transformer": {"w": torch.zeros(1000)}}, objects={}, state={"step": 1})
+        with pytest.raises(DataError) as exc:
+            checkpoints.save(mnt, 2, tensors={"transformer": {"w": torch.zeros(1_000_000)}}, objects={}, state={"step": 2})
+        assert "intact" in exc.value.message
+        valid, invalid = checkpoints.list_checkpoints(mnt)
+        assert [r.step for r in valid] == [1] and not invalid
+        assert not list(mnt.glob(".checkpoint-*"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_sigterm_saves_exits_143_and_resume_is_bit_exact(demo_run, shared_workspace):
+    """Interrupted + resumed == uninterrupted, bitwise, with validation in between."""
+    reference, _ = demo_run
+    out = shared_workspace / "out-sigterm"
+    env = cli_env(shared_workspace, out)
+    proc = start_cli(env)
+    reader = Reader(proc)
+    assert reader.wait_for("saved checkpoint-8", timeout=240), reader.text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 143, reader.text()[-3000:]
+    first = reader.text()
+    assert "SIGTERM" in first
+    valid, invalid = checkpoints.list_checkpoints(out / "checkpoints")
+    stopped_at = valid[-1].step
+    assert 8 <= stopped_at < 16 and not invalid
+    assert not (out / "final").exists()
+
+    second = run_cli(env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from checkpoint-{stopped_at}" in second.stderr
+    assert same_weights(reference / "transformer.safetensors", out / "transformer.safetensors")
+    assert same_weights(reference / "transformer_ema.safetensors", out / "transformer_ema.safetensors")
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
+    assert steps == list(range(1, 17))  # no duplicated or missing step after the resume
+
+
+def test_random_kill9_always_resumes_from_a_valid_checkpoint(demo_run, shared_workspace):
+    """kill -9 at random moments (saves run every step, so many kills land mid-save)."""
+    reference, _ = demo_run
+    out = shared_workspace / "out-kill9"
+    env = cli_env(shared_workspace, out, SANA_CHECKPOINTING_STEPS="1", SANA_CHECKPOINTS_TOTAL_LIMIT="2")
+    rng = random.Random(1234)
+    kills = 0
+    for _attempt in range(6):
+        proc = start_cli(env)
+        reader = Reader(proc)
+        if not reader.wait_for("held-out eval loss at step", timeout=240):
+            proc.kill()
+            pytest.fail(reader.text()[-3000:])
+        time.sleep(rng.uniform(0.0, 2.5))
+        if proc.poll() is not None:
+            break  # finished before the kill
+        proc.kill()
+        proc.wait()
+        reader.text()
+        kills += 1
+        valid, _invalid = checkpoints.list_checkpoints(out / "checkpoints")
+        ref = checkpoints.find_resume("latest", out / "checkpoints")
+        if ref is not None:  # the newest valid checkpoint always loads completely
+            tensors, objects, state = checkpoints.load(ref)
+            assert state["step"] == ref.step and "transformer" in tensors and "optimizer" in objects
+    assert kills >= 3
+    final = run_cli(env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert same_weights(reference / "transformer.safetensors", out / "transformer.safetensors")
