@@ -137,10 +137,12 @@ class TextEmbedCache(KeyedCache):
 
         `encode(captions)` returns (embeds, mask, empty_embeds, empty_mask) as SanaPipeline does."""
         unique = sorted(set(captions))
-        todo = [c for c in unique if not self.has(self.key(c))]
-        self.stats.hits += len(unique) - len(todo)
-        self.stats.misses += len(todo)
-        mine = todo[rank::world_size]
+        # Shares come from the full sorted list, not from what is missing: ranks look at the
+        # disk at different moments, and a share computed from "missing" could skip entries.
+        mine = [c for c in unique[rank::world_size] if not self.has(self.key(c))]
+        todo = sum(1 for c in unique if not self.has(self.key(c)))
+        self.stats.hits += len(unique) - todo
+        self.stats.misses += todo
         need_empty = not self.has(self.empty_key()) and rank == 0
         if not mine and need_empty:
             mine = [unique[0] if unique else ""]

@@ -114,6 +114,7 @@ def save(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         for name, tensor_dict in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{name}.safetensors")

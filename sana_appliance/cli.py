@@ -65,7 +65,7 @@ def _split_overrides(pairs: Sequence[str]) -> list[tuple[str, str]]:
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, CliArgs]:
     argv = list(argv)
     # No verb means train; argparse needs it spelled out to route options.
-    if not any(a in VERBS for a in argv if not a.startswith("-")):
+    if not any(a in VERBS for a in argv if not a.startswith("-")) and not {"-h", "--help", "--version"} & set(argv):
         argv = ["train", *argv]
     args, extra = _parser().parse_known_args(argv)
     overrides = _split_overrides(args.overrides)
@@ -135,12 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "config":
             _print_config(resolved, args.json)
             return ExitCode.OK
+        if not resolved.worker_rank:  # the launcher or a single process speaks; workers > 0 stay quiet
+            if resolved.demo_fallback:
+                print(DEMO_BANNER, file=sys.stderr, flush=True)
+            for warning in resolved.warnings:
+                log.warning(warning)
+        if resolved.worker_rank is None:
+            from .launch import launch, process_count
+
+            count = process_count(resolved.config.num_processes)
+            if count > 1:
+                return launch(count, argv, dict(os.environ))
         from .train import train  # heavy imports only when training
 
-        if resolved.demo_fallback:
-            print(DEMO_BANNER, file=sys.stderr, flush=True)
-        for warning in resolved.warnings:
-            log.warning(warning)
         train(resolved)
         return ExitCode.OK
     except ApplianceError as exc:

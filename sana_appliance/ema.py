@@ -17,6 +17,8 @@ import torch
 
 from .errors import ConfigError
 
+SHADOW_PREFIX = "shadow."
+
 
 class EMA:
     """fp32 EMA of a model's trainable parameters, addressed by parameter name."""
@@ -73,17 +75,22 @@ class EMA:
                     p.copy_(saved)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        """Flat: one fp32 tensor per parameter under ``shadow.<name>`` (safetensors-ready)
+        beside the plain values ``decay`` and ``num_updates``."""
+        state: dict[str, Any] = {"decay": self.decay, "num_updates": self.num_updates}
+        state.update({SHADOW_PREFIX + name: t for name, t in self.shadow.items()})
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a saved EMA exactly (fp32 shadows). The configured decay is kept: the
         config (ema_decay) decides how the average continues."""
-        saved = state_dict["shadow"]
+        saved = {k[len(SHADOW_PREFIX):]: v for k, v in state_dict.items() if k.startswith(SHADOW_PREFIX)}
         if saved.keys() != self.shadow.keys():
             missing = sorted(self.shadow.keys() - saved.keys())[:3]
+            unexpected = sorted(saved.keys() - self.shadow.keys())[:3]
             raise ConfigError(
-                f"the checkpoint's EMA does not match the model (e.g. missing {missing}): resume a "
-                "checkpoint of this model, or set resume_from_checkpoint=none to start fresh"
+                f"the checkpoint's EMA does not match the model (missing {missing}, unexpected {unexpected}): "
+                "resume a checkpoint of this model, or set resume_from_checkpoint=none to start fresh"
             )
         for name, tensor in saved.items():
             if tensor.shape != self.shadow[name].shape:
@@ -91,8 +98,9 @@ class EMA:
                     f"the checkpoint's EMA has {name} of shape {tuple(tensor.shape)}, the model "
                     f"{tuple(self.shadow[name].shape)}: set resume_from_checkpoint=none to start fresh"
                 )
+        for name, tensor in saved.items():
             self.shadow[name] = tensor.to(device=self.shadow[name].device, dtype=torch.float32, copy=True)
-        self.num_updates = int(state_dict["num_updates"])
+        self.num_updates = int(state_dict.get("num_updates", 0))
 
     def to_state_dict_for_export(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The EMA weights as {parameter name: CPU tensor of dtype}, e.g. for the final

@@ -51,6 +51,7 @@ def export_final(
         assert not unexpected, unexpected
     final = output_dir / "final"
     tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         # The frozen parts are copied byte for byte from the base model folder: exact, and
         # no need to bring the text encoder back into memory.

@@ -122,6 +122,7 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed}))
@@ -134,10 +135,14 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
 
 def builtin_model_path(cache_dir: Path) -> Path:
     """Build the tiny model once under the cache; later calls return the saved folder."""
+    from filelock import FileLock
+
     dest = cache_dir / "models" / f"tiny-sana-{TINY_VERSION}"
-    if not (dest / "model_index.json").is_file():
-        log.info("building the built-in tiny Sana at %s", dest)
-        build_tiny_sana(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):  # one rank builds, the others wait and load
+        if not (dest / "model_index.json").is_file():
+            log.info("building the built-in tiny Sana at %s", dest)
+            build_tiny_sana(dest)
     return dest
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 REAL_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
 BUILTIN_MODEL = "builtin:tiny-sana"
@@ -92,13 +92,13 @@ class TrainConfig:
         "Where checkpoints, validation images, metrics and the final model go. Relative paths "
         "resolve against WORKSPACE. Env alias: OUTPUT_DIR.",
     )
-    data_backend_config: Optional[str] = _opt(
+    data_backend_config: str | None = _opt(
         None,
         "Dataloader config (SimpleTuner multidatabackend.json). Default: "
         f"$WORKSPACE/config/multidatabackend.json when present. `{BUILTIN_DATASET}` is the "
         "demo's generated dataset. Env alias: DATALOADER_CONFIG.",
     )
-    user_prompt_library: Optional[str] = _opt(
+    user_prompt_library: str | None = _opt(
         None, "JSON file of extra validation prompts: {\"nickname\": \"prompt\", ...}."
     )
 
@@ -186,7 +186,7 @@ class TrainConfig:
 
     # --- checkpoints --------------------------------------------------------------
     checkpointing_steps: int = _opt(500, "Save a resumable checkpoint every N steps.", minimum=1)
-    checkpoints_total_limit: Optional[int] = _opt(
+    checkpoints_total_limit: int | None = _opt(
         3, "Keep at most this many checkpoints (oldest pruned). Empty keeps all.", minimum=1
     )
     resume_from_checkpoint: str = _opt(
@@ -198,7 +198,7 @@ class TrainConfig:
     validation_steps: int = _opt(
         500, "Generate validation images every N steps (and at the end). 0 disables.", minimum=0
     )
-    validation_prompt: Optional[str] = _opt(
+    validation_prompt: str | None = _opt(
         "A photo-realistic image of a cat", "Primary validation prompt."
     )
     validation_negative_prompt: str = _opt("", "Negative prompt used with guidance.")
@@ -215,13 +215,13 @@ class TrainConfig:
         choices=("none", "wandb", "tensorboard", "all"),
     )
     tracker_project_name: str = _opt("sana-appliance", "wandb project name.")
-    tracker_run_name: Optional[str] = _opt(None, "Tracker run name (default: derived).")
+    tracker_run_name: str | None = _opt(None, "Tracker run name (default: derived).")
     logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.", minimum=1)
     push_to_hub: bool = _opt(False, "Upload the final model to the Hugging Face Hub (needs HF_TOKEN).")
     push_checkpoints_to_hub: bool = _opt(
         False, "Also upload each checkpoint to the Hub repo, under checkpoints/."
     )
-    hub_model_id: Optional[str] = _opt(None, "Hub repo to push to, e.g. `you/sana-finetune`.")
+    hub_model_id: str | None = _opt(None, "Hub repo to push to, e.g. `you/sana-finetune`.")
 
 
 def fields() -> list[dataclasses.Field]:

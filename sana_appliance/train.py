@@ -104,6 +104,8 @@ class Run:
         cfg, t0 = self.cfg, time.monotonic()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
+        if not self.is_main:  # rank discipline: one process logs
+            logging.getLogger("sana_appliance").setLevel(logging.WARNING)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
@@ -117,7 +119,8 @@ class Run:
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
         self.resume_ref = checkpoints.find_resume(cfg.resume_from_checkpoint, self.ckpt_root)
 
-        model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
+        with self.accelerator.main_process_first():  # rank 0 downloads or builds; the others then find it cached
+            model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
         identity = models.model_identity(self.model_info)
         self.parts = models.load_parts(model_path, identity, self.weight_dtype)
         self.schedule = FlowSchedule.from_config(cfg, self.parts.scheduler_config)
@@ -239,15 +242,15 @@ class Run:
         from .images import load_pixels
 
         vae = self.parts.vae.to(self.device)
-        todo = []
+        mine = []
         for index, sample in enumerate(samples):
             cache = self.latent_caches[sample.backend_id]
             if cache.has(keys[index]):
                 cache.stats.hits += 1
             else:
                 cache.stats.misses += 1
-                todo.append(index)
-        mine = todo[rank::world]
+                if index % world == rank:  # shares from the full list (see TextEmbedCache.fill)
+                    mine.append(index)
         by_size: dict[tuple, list[int]] = {}
         for index in mine:
             by_size.setdefault(samples[index].size, []).append(index)
@@ -272,8 +275,12 @@ class Run:
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                "generator": self.generator.get_state()}
+        rngs = [rng]
+        if self.world > 1:  # every rank's streams go into the one folder rank 0 writes
+            rngs = [None] * self.world
+            torch.distributed.all_gather_object(rngs, rng)
         objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
-                   "scaler": self.scaler.state_dict(), f"rng_rank{self.accelerator.process_index}": rng}
+                   "scaler": self.scaler.state_dict(), **{f"rng_rank{i}": r for i, r in enumerate(rngs)}}
         if self.ema is not None:
             objects["ema_meta"] = {k: v for k, v in self.ema.state_dict().items() if not torch.is_tensor(v)}
         state = {"step": self.step, "batches_consumed": self.batches_consumed, "world_size": self.world,

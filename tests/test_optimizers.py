@@ -1,0 +1,500 @@
+"""Optimizers, bf16 update fidelity, optimizer/EMA state round-trips and LR schedules.
+
+Run: OMP_NUM_THREADS=1 pytest tests/test_optimizers.py -q
+
+The fidelity tests train a tiny diffusers SanaTransformer2DModel (1 block, 3.9k
+params) for 200 steps at LR 1e-5 on a fixed loss and compare how far the weights
+moved with an fp32 run of the same optimizer: bf16 weights must move within 10% of
+it. A negative control shows plain bf16 AdamW failing the same check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import warnings
+
+import pytest
+import torch
+
+from sana_appliance import presets
+from sana_appliance.ema import EMA
+from sana_appliance.errors import ConfigError
+from sana_appliance.optimizers import (
+    ExtendedPrecision,
+    build_lr_scheduler,
+    build_optimizer,
+    optimizer_state_bytes_per_param,
+    weight_dtype,
+)
+from sana_appliance.resolve import CliArgs, resolve
+from sana_appliance.schema import OPTIMIZERS, TrainConfig
+
+FIDELITY_LR = 1e-5
+FIDELITY_STEPS = 200
+TOLERANCE = 0.10
+# bitsandbytes keeps tensors under 4096 elements in 32-bit state; the tiny model's
+# tensors are all smaller, so tests lower the threshold to exercise the 8-bit path.
+MIN_8BIT = 0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_sana(dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    model = SanaTransformer2DModel(
+        num_layers=1, num_attention_heads=2, attention_head_dim=4, cross_attention_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, caption_channels=8,
+        in_channels=4, out_channels=4, patch_size=1, sample_size=8, norm_elementwise_affine=False,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model.to(dtype)
+
+
+def fixed_batches(num: int = 4) -> list[tuple[torch.Tensor, ...]]:
+    """Deterministic flow-matching-shaped batches, identical for every run."""
+    g = torch.Generator().manual_seed(1234)
+    return [
+        (torch.randn(1, 4, 4, 4, generator=g), torch.randn(1, 3, 8, generator=g),
+         torch.rand(1, generator=g) * 1000, torch.randn(1, 4, 4, 4, generator=g))
+        for _ in range(num)
+    ]
+
+
+def loss_and_backward(model: torch.nn.Module, batch: tuple[torch.Tensor, ...]) -> float:
+    x, enc, t, target = batch
+    dtype = next(model.parameters()).dtype
+    out = model(x.to(dtype), encoder_hidden_states=enc.to(dtype), timestep=t).sample
+    loss = torch.nn.functional.mse_loss(out.float(), target)
+    loss.backward()
+    return loss.item()
+
+
+def params_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def movement(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> float:
+    """||w_end - w_start|| over all parameters, in fp64."""
+    return math.sqrt(sum(((p.detach().double() - start[n].double()) ** 2).sum().item()
+                         for n, p in model.named_parameters()))
+
+
+def train_movement(cfg: TrainConfig, dtype: torch.dtype, make_optimizer=None) -> float:
+    """Weight movement after FIDELITY_STEPS steps of the tiny Sana on the fixed batches."""
+    model = tiny_sana(dtype)
+    start = params_snapshot(model)
+    opt = (make_optimizer or (lambda ps: build_optimizer(cfg, ps, min_8bit_size=MIN_8BIT)))(model.parameters())
+    batches = fixed_batches()
+    for step in range(FIDELITY_STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss_and_backward(model, batches[step % len(batches)])
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    return movement(model, start)
+
+
+@pytest.fixture(scope="module")
+def fidelity_runs():
+    """train_movement(cfg at LR 1e-5, dtype), computed once per distinct optimizer setup
+    (presets that share a setup, and the negative control, reuse runs)."""
+    cache: dict[tuple, float] = {}
+
+    def get(cfg: TrainConfig, dtype: torch.dtype) -> float:
+        cfg = dataclasses.replace(cfg, mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+                                  learning_rate=FIDELITY_LR)
+        key = (cfg.optimizer, dtype, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_weight_decay, cfg.adam_epsilon, cfg.seed)
+        if key not in cache:
+            cache[key] = train_movement(cfg, dtype)
+        return cache[key]
+
+    return get
+
+
+def preset_config(name: str, tmp_path) -> TrainConfig:
+    return resolve({"PRESET": name, "WORKSPACE": str(tmp_path)}, CliArgs()).config
+
+
+# ------------------------------------------------------------------ fidelity
+
+
+@pytest.mark.parametrize("preset", presets.available())
+def test_preset_optimizer_keeps_every_update(preset, tmp_path, fidelity_runs):
+    """Each preset's (optimizer, weight dtype) moves weights like fp32 at LR 1e-5."""
+    cfg = preset_config(preset, tmp_path)
+    reference = fidelity_runs(cfg, torch.float32)
+    candidate = fidelity_runs(cfg, weight_dtype(cfg))
+    assert reference > 100 * FIDELITY_LR  # the loss really moves the weights
+    assert abs(candidate / reference - 1) < TOLERANCE, (preset, cfg.optimizer, candidate, reference)
+
+
+def test_plain_bf16_adamw_fails_the_fidelity_check(fidelity_runs):
+    """Negative control: torch AdamW straight on bf16 weights loses most updates."""
+    cfg = dataclasses.replace(TrainConfig(), optimizer="adamw", learning_rate=FIDELITY_LR)
+    reference = fidelity_runs(cfg, torch.float32)
+    plain = train_movement(cfg, torch.bfloat16, lambda ps: torch.optim.AdamW(
+        ps, lr=FIDELITY_LR, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=0.0))
+    assert plain / reference < 1 - TOLERANCE, (plain, reference)
+
+
+def random_gradient_movement(optimizer_factory, dtype: torch.dtype, steps: int = FIDELITY_STEPS) -> float:
+    """Movement under a fixed stream of random gradients with a consistent direction.
+
+    Covers every optimizer name cheaply: the weights are the tiny Sana's initial
+    values (real magnitudes) in ONE flat tensor, which avoids the per-tensor overhead
+    of bitsandbytes on CPU, and the gradients do not depend on the weights, so bf16
+    and fp32 runs see the same gradients (rounded to the weight dtype)."""
+    flat = torch.cat([p.detach().reshape(-1) for p in tiny_sana(torch.float32).parameters()])
+    weight = torch.nn.Parameter(flat.to(dtype))
+    start = weight.detach().double().clone()
+    opt = optimizer_factory([weight])
+    g = torch.Generator().manual_seed(7)
+    direction = torch.randn(weight.shape, generator=g)
+    for _ in range(steps):
+        weight.grad = (direction + 0.5 * torch.randn(weight.shape, generator=g)).to(dtype)
+        opt.step()
+    assert torch.isfinite(weight).all()
+    return (weight.detach().double() - start).norm().item()
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_keeps_every_update_in_bf16(name):
+    cfg = dataclasses.replace(TrainConfig(), optimizer=name, learning_rate=FIDELITY_LR, adam_weight_decay=0.01)
+    reference = random_gradient_movement(lambda ps: build_optimizer(cfg, ps, min_8bit_size=MIN_8BIT), torch.float32)
+    bf16 = random_gradient_movement(lambda ps: build_optimizer(cfg, ps, min_8bit_size=MIN_8BIT), torch.bfloat16)
+    assert abs(bf16 / reference - 1) < TOLERANCE, (name, bf16, reference)
+
+
+def test_plain_bf16_lion8bit_fails_the_fidelity_check():
+    """Negative control for the 8-bit Lion path: bitsandbytes alone on bf16 weights."""
+    import bitsandbytes as bnb
+
+    def make(ps):
+        return bnb.optim.Lion8bit(ps, lr=FIDELITY_LR, betas=(0.9, 0.99), min_8bit_size=MIN_8BIT)
+
+    ratio = random_gradient_movement(make, torch.bfloat16) / random_gradient_movement(make, torch.float32)
+    assert ratio < 1 - TOLERANCE, ratio
+
+
+# ------------------------------------------------------------------ smoke
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_optimizer_trains_tiny_sana(name, dtype):
+    # LR 1e-2 so that every stored bf16 weight changes (smaller updates may sit in the
+    # extra precision bits until they add up to a bf16 step, which is the point).
+    cfg = dataclasses.replace(TrainConfig(), optimizer=name, learning_rate=1e-2)
+    model = tiny_sana(dtype)
+    start = params_snapshot(model)
+    opt = build_optimizer(cfg, model.parameters(), min_8bit_size=MIN_8BIT)
+    batches = fixed_batches()
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss_and_backward(model, batches[step % len(batches)])
+        opt.step()
+    for n, p in model.named_parameters():
+        assert p.dtype == dtype
+        assert torch.isfinite(p).all(), n
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach().float(), start[n])]
+    assert len(moved) == len(start), sorted(set(start) - set(moved))
+    assert isinstance(opt, ExtendedPrecision) == (dtype == torch.bfloat16 and name not in ("optimi-adamw", "lion"))
+
+
+def test_chunked_steps_match_one_big_step():
+    """Bounding the fp32 working copies (chunks) changes nothing, bit for bit."""
+    cfg = dataclasses.replace(TrainConfig(), optimizer="adamw8bit")
+    results = []
+    for max_elements in (1 << 25, 100):
+        model = tiny_sana(torch.bfloat16)
+        opt = build_optimizer(cfg, model.parameters(), min_8bit_size=MIN_8BIT, max_working_elements=max_elements)
+        for batch in fixed_batches(3):
+            opt.zero_grad(set_to_none=True)
+            loss_and_backward(model, batch)
+            opt.step()
+        results.append(params_snapshot(model))
+    assert all(torch.equal(results[0][n], results[1][n]) for n in results[0])
+
+
+# ------------------------------------------------------------------ state round-trip
+
+
+def _round_trip(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_resume_is_bit_exact(name, dtype):
+    """Steps after save + load into fresh objects equal the steps of an uninterrupted run."""
+    cfg = dataclasses.replace(TrainConfig(), optimizer=name, learning_rate=1e-3, lr_warmup_steps=3,
+                              lr_scheduler="cosine", adam_weight_decay=0.01)
+    batches = fixed_batches(5)
+
+    def train(model, opt, sched, steps):
+        for batch in steps:
+            opt.zero_grad(set_to_none=True)
+            loss_and_backward(model, batch)
+            opt.step()
+            sched.step()
+
+    model = tiny_sana(dtype)
+    opt = build_optimizer(cfg, model.parameters(), min_8bit_size=MIN_8BIT)
+    sched = build_lr_scheduler(cfg, opt, num_training_steps=10)
+    train(model, opt, sched, batches[:3])
+    saved = _round_trip({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    train(model, opt, sched, batches[3:])
+
+    resumed = tiny_sana(dtype)
+    resumed.load_state_dict(saved["model"])
+    opt2 = build_optimizer(cfg, resumed.parameters(), min_8bit_size=MIN_8BIT)
+    sched2 = build_lr_scheduler(cfg, opt2, num_training_steps=10)
+    opt2.load_state_dict(saved["opt"])
+    sched2.load_state_dict(saved["sched"])
+    train(resumed, opt2, sched2, batches[3:])
+
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    if isinstance(opt2, ExtendedPrecision):  # the schedule still reaches the inner optimizer
+        assert opt2.inner.param_groups[0]["lr"] == opt.inner.param_groups[0]["lr"] == sched.get_last_lr()[0]
+
+
+def test_adamw_state_stays_fp32_for_bf16_weights_after_load():
+    """torch casts loaded state to the param dtype; the fp32 moments must survive that."""
+    cfg = dataclasses.replace(TrainConfig(), optimizer="adamw")
+    model = tiny_sana(torch.bfloat16)
+    opt = build_optimizer(cfg, model.parameters())
+    loss_and_backward(model, fixed_batches(1)[0])
+    opt.step()
+    opt.load_state_dict(_round_trip(opt.state_dict()))
+    p = next(model.parameters())
+    assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def _tensor_bytes(obj, found: dict[int, int]) -> dict[int, int]:
+    """Bytes of every distinct tensor inside obj (nested dicts), keyed by storage pointer."""
+    if isinstance(obj, torch.Tensor):
+        found[obj.data_ptr()] = obj.numel() * obj.element_size()
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _tensor_bytes(value, found)
+    return found
+
+
+def test_state_bytes_table_matches_measured_state():
+    """optimizer_state_bytes_per_param (used for memory/disk estimates) is the real size."""
+    for name in OPTIMIZERS:
+        for mixed, dtype in (("no", torch.float32), ("bf16", torch.bfloat16)):
+            cfg = dataclasses.replace(TrainConfig(), optimizer=name, mixed_precision=mixed)
+            weight = torch.nn.Parameter(torch.randn(512, 1024).to(dtype))
+            opt = build_optimizer(cfg, [weight])
+            weight.grad = torch.randn_like(weight)
+            opt.step()
+            found = _tensor_bytes(dict(opt.state), {})
+            if isinstance(opt, ExtendedPrecision):
+                _tensor_bytes(opt.state_dict()["residuals"], found)
+            measured = sum(found.values()) / weight.numel()
+            assert measured == pytest.approx(optimizer_state_bytes_per_param(cfg), abs=0.01), (name, mixed)
+
+
+def test_lowest_vram_preset_fits_12_gb(tmp_path):
+    cfg = preset_config("lowest-vram", tmp_path)
+    assert weight_dtype(cfg) == torch.bfloat16
+    assert optimizer_state_bytes_per_param(cfg) <= 1.55
+    params = 1_604_462_752
+    fixed_gib = params * (2 + 2 + optimizer_state_bytes_per_param(cfg)) / 2**30
+    assert fixed_gib < 8.5  # + <1 GiB activations + CUDA context within 12 GB
+
+
+def test_weight_dtype_policy():
+    assert weight_dtype(dataclasses.replace(TrainConfig(), mixed_precision="bf16")) == torch.bfloat16
+    assert weight_dtype(dataclasses.replace(TrainConfig(), mixed_precision="fp16")) == torch.float32
+    assert weight_dtype(dataclasses.replace(TrainConfig(), mixed_precision="no")) == torch.float32
+
+
+# ------------------------------------------------------------------ EMA
+
+
+def test_ema_is_fp32_exact_decay_and_tracks_bf16_weights():
+    model = tiny_sana(torch.bfloat16)
+    ema = EMA(model, decay=0.999)
+    assert all(t.dtype == torch.float32 for t in ema.shadow.values())
+    start = {n: t.clone() for n, t in ema.shadow.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # about one bf16 spacing; the EMA moves 1e-5 per update
+    target = {n: p.detach().float() for n, p in model.named_parameters()}
+    for _ in range(10):
+        ema.update(model)
+    factor = 1 - 0.999**10  # no hidden warmup: exactly decay from the first update
+    for n, t in ema.shadow.items():
+        expected = start[n] + factor * (target[n] - start[n])
+        assert torch.allclose(t, expected, atol=1e-6, rtol=0), n
+    assert ema.num_updates == 10
+
+
+def test_ema_swapped_into_restores_training_weights_exactly():
+    model = tiny_sana(torch.bfloat16)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    ema.update(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped_into(model):
+        for n, p in model.named_parameters():
+            assert torch.equal(p, ema.shadow[n].to(torch.bfloat16)), n
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(RuntimeError, match="validation failed"), ema.swapped_into(model):
+        raise RuntimeError("validation failed")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_ema_state_round_trip_and_export():
+    """The state splits into safetensors-ready tensors + plain values (as the trainer
+    saves it) and loads back exactly; export gives CPU tensors of the asked dtype."""
+    from safetensors.torch import load, save
+
+    model = tiny_sana(torch.bfloat16)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    ema.update(model)
+    state = ema.state_dict()
+    tensors = load(save({k: v for k, v in state.items() if torch.is_tensor(v)}))
+    plain = _round_trip({k: v for k, v in state.items() if not torch.is_tensor(v)})
+    restored = EMA(tiny_sana(torch.bfloat16), decay=0.9)
+    restored.load_state_dict({**tensors, **plain})
+    ema.update(model)
+    restored.update(model)
+    assert restored.num_updates == 2
+    assert all(torch.equal(ema.shadow[n], restored.shadow[n]) for n in ema.shadow)
+    exported = ema.to_state_dict_for_export(torch.bfloat16)
+    assert exported.keys() == dict(model.named_parameters()).keys()
+    assert all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in exported.values())
+    with pytest.raises(ConfigError, match="resume_from_checkpoint"):
+        EMA(torch.nn.Linear(2, 2), decay=0.9).load_state_dict(ema.state_dict())
+
+
+# ------------------------------------------------------------------ LR schedule
+
+
+def _lrs(cfg: TrainConfig, steps: int) -> list[float]:
+    opt = build_optimizer(cfg, [torch.nn.Parameter(torch.zeros(4))])
+    sched = build_lr_scheduler(cfg, opt, num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+@pytest.mark.parametrize("schedule", ["constant", "constant_with_warmup", "cosine", "linear"])
+def test_lr_warmup_is_linear_then_follows_the_schedule(schedule):
+    cfg = dataclasses.replace(TrainConfig(), mixed_precision="no", optimizer="adamw", learning_rate=1e-3,
+                              lr_scheduler=schedule, lr_warmup_steps=10)
+    lrs = _lrs(cfg, 50)
+    assert lrs[:11] == pytest.approx([1e-3 * k / 10 for k in range(11)])
+    if schedule.startswith("constant"):
+        assert lrs[10:] == pytest.approx([1e-3] * 40)
+    else:
+        assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+        assert lrs[-1] < 1e-4
+
+
+def test_lr_schedule_drives_the_bf16_wrapper():
+    cfg = dataclasses.replace(TrainConfig(), optimizer="bnb-lion8bit", learning_rate=1e-3, lr_warmup_steps=4)
+    weight = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    opt = build_optimizer(cfg, [weight])
+    sched = build_lr_scheduler(cfg, opt, num_training_steps=8)
+    seen = []
+    for _ in range(5):
+        seen.append(opt.inner.param_groups[0]["lr"])
+        weight.grad = torch.ones_like(weight)
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])
+
+
+# ------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paged_lion8bit_on_cuda_is_faithful_and_resumes_exactly():
+    import bitsandbytes as bnb
+
+    cfg = dataclasses.replace(TrainConfig(), optimizer="bnb-lion8bit-paged", learning_rate=FIDELITY_LR)
+
+    def gradients(weight, steps):
+        g = torch.Generator(device="cuda").manual_seed(1)
+        direction = torch.randn(weight.shape, device="cuda", generator=g)
+        for _ in range(steps):
+            yield (direction + 0.5 * torch.randn(weight.shape, device="cuda", generator=g)).to(weight.dtype)
+
+    def new_weight(dtype):
+        torch.manual_seed(0)
+        return torch.nn.Parameter(torch.randn(1024, 1024, device="cuda").mul(0.3).to(dtype))
+
+    moved = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = new_weight(dtype)
+        start = weight.detach().double().clone()
+        opt = build_optimizer(cfg, [weight])
+        for grad in gradients(weight, FIDELITY_STEPS):
+            weight.grad = grad
+            opt.step()
+        moved[dtype] = (weight.detach().double() - start).norm().item()
+    assert isinstance(opt.inner, bnb.optim.PagedLion8bit)
+    assert abs(moved[torch.bfloat16] / moved[torch.float32] - 1) < TOLERANCE, moved
+
+    # resume: the CUDA generator's state and the residuals round-trip bit-exactly
+    weight = new_weight(torch.bfloat16)
+    opt = build_optimizer(cfg, [weight])
+    grads = list(gradients(weight, 5))
+    for grad in grads[:3]:
+        weight.grad = grad
+        opt.step()
+    saved = _round_trip({"weight": weight.detach().clone(), "opt": opt.state_dict()})
+    assert saved["opt"]["generator"]["device_type"] == "cuda"
+    for grad in grads[3:]:
+        weight.grad = grad
+        opt.step()
+    resumed = torch.nn.Parameter(saved["weight"])
+    opt2 = build_optimizer(cfg, [resumed])
+    opt2.load_state_dict(saved["opt"])
+    for grad in grads[3:]:
+        resumed.grad = grad
+        opt2.step()
+    assert torch.equal(weight, resumed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_ema_on_cuda_restores_bf16_weights_exactly():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)).to("cuda", torch.bfloat16)
+    ema = EMA(model, decay=0.99)
+    assert all(t.device.type == "cuda" and t.dtype == torch.float32 for t in ema.shadow.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+    ema.update(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with ema.swapped_into(model):
+        assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
