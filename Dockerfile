@@ -109,7 +109,9 @@ LABEL org.opencontainers.image.title="sana-appliance" \
 # refuse common RunPod/Vast hosts. Ask only for what the wheels need.
 ENV NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    WORKSPACE=/workspace
+    WORKSPACE=/workspace \
+    APPLIANCE_GIT_SHA="${GIT_SHA}" \
+    APPLIANCE_IMAGE="sana-appliance:${VERSION}"
 
 WORKDIR /workspace
 # No USER line on purpose: docker/entrypoint.sh starts as root only to pick the

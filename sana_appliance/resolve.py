@@ -363,7 +363,10 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
 
     # Which preset.
     preset_name = cli.preset or env.get("PRESET") or None
-    demo_fallback = preset_name is None and config_path is None
+    # A workspace multidatabackend.json means the user brought data: schema defaults apply
+    # (the demo preset would silently replace that data with the generated shapes).
+    brought_data = (workspace.config_dir / "multidatabackend.json").is_file()
+    demo_fallback = preset_name is None and config_path is None and not brought_data
     if demo_fallback:
         preset_name = "demo"
     preset_values: dict[str, Any] = {}

@@ -311,3 +311,14 @@ def test_entrypoint_and_console_script_agree(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "config"], capture_output=True, text=True,
                          env={**env, "SANA_LEARNING_RATE": "abc"})
     assert bad.returncode == 2 and "SANA_LEARNING_RATE" in bad.stderr
+
+
+def test_readme_documents_every_key_and_env_var():
+    readme = (ROOT / "README.md").read_text()
+    for f in fields():
+        assert f"`{f.name}`" in readme, f.name
+    for var in ("PRESET", "WORKSPACE", "CONFIG_PATH", "DATALOADER_CONFIG", "OUTPUT_DIR", "HF_TOKEN", "HF_HOME",
+                "HF_ENDPOINT", "HF_HUB_OFFLINE", "WANDB_API_KEY", "WANDB_MODE", "SANA_<KEY>"):
+        assert f"`{var}`" in readme, var
+    for name in presets.available():
+        assert f"`{name}`" in readme, name
