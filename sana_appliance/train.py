@@ -242,9 +242,12 @@ class Run:
         from .images import load_pixels
 
         vae = self.parts.vae.to(self.device)
-        mine = []
+        mine, seen = [], set()
         for index, sample in enumerate(samples):
             cache = self.latent_caches[sample.backend_id]
+            if (cache.root, keys[index]) in seen:
+                continue  # the eval subset repeats training samples: one entry, encoded once
+            seen.add((cache.root, keys[index]))
             if cache.has(keys[index]):
                 cache.stats.hits += 1
             else:

@@ -140,3 +140,80 @@ def test_training_schedule_has_shift_3_from_sana_scheduler_config(tmp_path):
     assert auto.shift_for(1024, 1024) == 3.0 and abs(auto.shift_for(512, 512) - 1.5) < 1e-9
     custom = FlowSchedule.from_config(resolve({"WORKSPACE": str(tmp_path), "SANA_FLOW_SCHEDULE_SHIFT": "1.5"}).config)
     assert custom.shift == 1.5
+
+
+def test_validation_prompts_resolutions_trackers_and_no_rng_disturbance(shared_workspace, tmp_path):
+    """Validation with a prompt library at two resolutions, TensorBoard + offline wandb; the same
+    run without validation ends with bit-identical weights (validation leaves the RNG alone)."""
+    library = tmp_path / "prompts.json"
+    library.write_text(json.dumps({"green square": "a green square on a yellow background", "circle": "a red circle"}))
+    common = {"SANA_MAX_TRAIN_STEPS": "4", "SANA_CHECKPOINTING_STEPS": "100", "SANA_USE_EMA": "false"}
+    with_val = run_cli(cli_env(shared_workspace, tmp_path / "val", SANA_VALIDATION_STEPS="2",
+                               SANA_USER_PROMPT_LIBRARY=str(library), SANA_VALIDATION_RESOLUTION="64x64,96x64",
+                               SANA_REPORT_TO="all", WANDB_MODE="offline", **common))
+    assert with_val.returncode == 0, with_val.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "val" / "validation").glob("*.png"))
+    for step in (2, 4):
+        for nick in ("validation", "green_square", "circle"):
+            for res in ("64x64", "96x64"):
+                assert f"step{step:07d}_{nick}_{res}.png" in names, names
+    from PIL import Image
+
+    assert Image.open(tmp_path / "val" / "validation" / "step0000004_circle_96x64.png").size == (96, 64)
+    assert list((tmp_path / "val" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "val" / "wandb").glob("offline-run-*"))
+    for f in (tmp_path / "val").rglob("*"):  # tracker files included, byte for byte
+        assert not f.is_file() or PLANTED_TOKEN.encode() not in f.read_bytes(), f
+    without = run_cli(cli_env(shared_workspace, tmp_path / "noval", SANA_VALIDATION_STEPS="0", **common))
+    assert without.returncode == 0, without.stderr[-3000:]
+    a = load_file(tmp_path / "val" / "transformer.safetensors")
+    b = load_file(tmp_path / "noval" / "transformer.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_from_a_hub_repo_records_its_commit(shared_workspace, tmp_path):
+    """The real download path: huggingface_hub against a local Hub server serving the tiny model."""
+    from hubserver import FakeHub
+
+    from sana_appliance.models import builtin_model_path
+
+    folder = builtin_model_path(shared_workspace / "cache")
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with FakeHub() as hub:
+        repo = hub.add_repo("acme/tiny-sana", files)
+        env = cli_env(shared_workspace, tmp_path / "out", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url,
+                      HF_HOME=str(tmp_path / "hf"), SANA_PRETRAINED_MODEL_NAME_OR_PATH="acme/tiny-sana",
+                      SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0")
+        result = run_cli(env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["model"]["repo_id"] == "acme/tiny-sana" and run["model"]["commit_sha"] == repo.sha
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "acme/tiny-sana" in card and repo.sha in card
+    assert PLANTED_TOKEN not in all_text_under(tmp_path / "out")
+    # An unknown repo is exit 3 with the repo named.
+    with FakeHub() as hub:
+        env.update(HF_ENDPOINT=hub.url, SANA_PRETRAINED_MODEL_NAME_OR_PATH="acme/missing")
+        missing = run_cli(env)
+    assert missing.returncode == 3 and "acme/missing" in missing.stderr
+
+
+def test_block_checkpointing_interval_keeps_numbers(tmp_path):
+    from sana_appliance import models
+
+    folder = models.builtin_model_path(tmp_path)
+    grads = {}
+    for interval in (None, 1, 2):
+        parts = models.load_parts(folder, "x", torch.float32)
+        t = parts.transformer
+        if interval:
+            wrapped = models.enable_block_checkpointing(t, interval)
+            assert wrapped == len(range(0, len(t.transformer_blocks), interval))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 8, 16, 16, generator=g)
+        e = torch.randn(2, 6, 32, generator=g)
+        out = t(x, encoder_hidden_states=e, encoder_attention_mask=torch.ones(2, 6), timestep=torch.tensor([100.0, 700.0])).sample
+        out.pow(2).mean().backward()
+        grads[interval] = torch.cat([p.grad.flatten() for p in t.parameters()])
+        assert set(t.state_dict()) == set(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert torch.allclose(grads[None], grads[1], atol=1e-6) and torch.allclose(grads[None], grads[2], atol=1e-6)

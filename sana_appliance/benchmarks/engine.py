@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import logging
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,12 +70,12 @@ def build_run(workspace: Path, total_steps: int, workers: int):
     return run
 
 
-def time_engine(run, warmup: int, steps: int) -> float:
-    """Seconds per step of Run.train() over `steps` steps after `warmup` steps."""
+def time_engine(run, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of Run.train()'s steps after `warmup` steps."""
     clock = StepClock(run.tracker)
     run.tracker = clock
     run.train()
-    return (clock.times[warmup + steps] - clock.times[warmup]) / steps
+    return [clock.times[s + 1] - clock.times[s] for s in range(warmup, warmup + steps)]
 
 
 def cached_batches(run, count: int) -> list[dict]:
@@ -100,8 +101,8 @@ def batch_stream(run, workers: int):
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 
 
-def time_bare(run, batches, warmup: int, steps: int, *, extras: bool = False) -> float:
-    """Seconds per step of a plain loop on a fresh copy of the run's model.
+def time_bare(run, batches, warmup: int, steps: int, *, extras: bool = False) -> list[float]:
+    """Seconds of each step of a plain loop on a fresh copy of the run's model, after `warmup`.
 
     extras=True adds what the engine does after backward besides the optimizer step:
     gradient clipping, the LR schedule and the EMA update (when the config uses them)."""
@@ -118,11 +119,9 @@ def time_bare(run, batches, warmup: int, steps: int, *, extras: bool = False) ->
     scheduler = optimizers.build_lr_scheduler(cfg, optimizer, warmup + steps) if extras else None
     ema = EMA(model, cfg.ema_decay) if extras and cfg.use_ema else None
     generator = torch.Generator().manual_seed(cfg.seed)
-    t0 = None
-    for index, batch in enumerate(batches):
-        if index == warmup:
-            t0 = time.perf_counter()
-        if index == warmup + steps:
+    times = [time.perf_counter()]
+    for batch in batches:  # timed like the engine: from one step's end to the next one's
+        if len(times) > warmup + steps:
             break
         latents = batch["latents"].to(run.device, torch.float32)
         sigmas = run.schedule.sample_sigmas(latents.shape[0], generator, run.schedule.shift)
@@ -140,7 +139,8 @@ def time_bare(run, batches, warmup: int, steps: int, *, extras: bool = False) ->
         if ema is not None:
             ema.update(model)
         optimizer.zero_grad(set_to_none=True)
-    return (time.perf_counter() - t0) / steps
+        times.append(time.perf_counter())
+    return [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -165,31 +165,35 @@ def main(argv: list[str] | None = None) -> dict:
         run = build_run(workspace, total, args.workers)
         try:
             batches = cached_batches(run, total)
-            results = {"preset": "demo", "batch_size": run.cfg.train_batch_size, "threads": args.threads,
-                       "warmup_steps": args.warmup, "timed_steps": args.steps}
-            bare_before = time_bare(run, batches, args.warmup, args.steps)
+            # The bare loop runs before and after the engine; its steps are pooled, so a burst of
+            # load from elsewhere on a shared machine cannot favour one side.
+            bare = time_bare(run, batches, args.warmup, args.steps)
             engine = time_engine(run, args.warmup, args.steps)
-            bare_after = time_bare(run, batches, args.warmup, args.steps)
+            bare += time_bare(run, batches, args.warmup, args.steps)
+            rows = {"bare loop (preloaded batches)": bare}
+            if not args.no_breakdown:
+                rows["bare + clip, LR schedule, EMA"] = time_bare(run, batches, args.warmup, args.steps, extras=True)
+                rows[f"... + cache reads via DataLoader ({args.workers} workers)"] = time_bare(
+                    run, batch_stream(run, args.workers), args.warmup, args.steps, extras=True)
+            rows["engine (Run.train)"] = engine
         finally:
             run.close()
-        bare = (bare_before + bare_after) / 2
-        results.update(engine_step_s=engine, bare_step_s=bare, bare_step_s_runs=[bare_before, bare_after],
-                       engine_steps_per_s=1 / engine, bare_steps_per_s=1 / bare, overhead_pct=100 * (engine / bare - 1))
-        rows = [("bare loop (preloaded batches)", bare), ("engine (Run.train)", engine)]
-        if not args.no_breakdown:
-            extras = time_bare(run, batches, args.warmup, args.steps, extras=True)
-            loaded = time_bare(run, batch_stream(run, args.workers), args.warmup, args.steps, extras=True)
-            results.update(bare_plus_clip_lr_ema_step_s=extras, bare_plus_extras_and_cache_reads_step_s=loaded)
-            rows[1:1] = [("bare + clip, LR schedule, EMA", extras),
-                         (f"... + cache reads via DataLoader ({args.workers} workers)", loaded)]
 
-    print(f"engine benchmark: demo preset (tiny Sana), batch {results['batch_size']}, "
-          f"{args.steps} timed steps after {args.warmup} warmup, {args.threads} torch thread(s)")
-    for name, seconds in rows:
-        print(f"  {name:<52} {1 / seconds:8.2f} steps/s  {1000 * seconds:8.1f} ms/step  "
-              f"{100 * (seconds / bare - 1):+6.1f}% vs bare")
-    print(f"  engine overhead: {results['overhead_pct']:+.1f}%  (bare runs: "
-          f"{1000 * bare_before:.1f} / {1000 * bare_after:.1f} ms/step, before / after the engine)")
+    # Medians: robust to other processes' bursts; the means are reported beside them.
+    base = statistics.median(bare)
+    results = {"preset": "demo", "batch_size": run.cfg.train_batch_size, "threads": args.threads,
+               "warmup_steps": args.warmup, "timed_steps": args.steps, "variants": {}}
+    print(f"engine benchmark: demo preset (tiny Sana), batch {run.cfg.train_batch_size}, {args.steps} timed steps "
+          f"after {args.warmup} warmup, {args.threads} torch thread(s); median (mean) ms/step")
+    for name, durations in rows.items():
+        median, mean = statistics.median(durations), statistics.fmean(durations)
+        results["variants"][name] = {"median_step_s": median, "mean_step_s": mean, "steps_per_s": 1 / median}
+        print(f"  {name:<52} {1 / median:7.2f} steps/s  {1000 * median:7.1f} ({1000 * mean:7.1f}) ms/step  "
+              f"{100 * (median / base - 1):+6.1f}% vs bare")
+    engine_median = statistics.median(engine)
+    results.update(engine_steps_per_s=1 / engine_median, bare_steps_per_s=1 / base,
+                   overhead_pct=100 * (engine_median / base - 1))
+    print(f"  engine overhead: {results['overhead_pct']:+.1f}%")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return results
