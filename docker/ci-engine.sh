@@ -11,12 +11,12 @@
 # iptables rules (builds use --network host, test containers --network none), and
 # the base image is made locally with debootstrap instead of `docker pull`.
 #
-# Knobs (environment): SANA_BASE_IMAGE (tag of the local base image),
+# Knobs (environment): APPLIANCE_BASE_IMAGE (tag of the local base image),
 # DEBIAN_MIRROR, DOCKERD_LOG, DOCKER (the CLI; the 20.10 one has BuildKit built in,
 # newer CLIs need the buildx plugin for `docker build`).
 set -euo pipefail
 
-BASE_TAG="${SANA_BASE_IMAGE:-sana-appliance-base:bookworm}"
+BASE_TAG="${APPLIANCE_BASE_IMAGE:-sana-appliance-base:bookworm}"
 MIRROR="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 LOG="${DOCKERD_LOG:-/var/log/sana-dockerd.log}"
 DOCKER="${DOCKER:-/usr/bin/docker}"

@@ -70,3 +70,36 @@ def write(path: Path, *, resolved, model_info: dict, datasets: list[dict], timin
     with os.fdopen(fd, "w") as fh:
         json.dump(doc, fh, indent=2, default=str)
     os.replace(tmp, path)
+
+
+COMPLETE_MARKER = "TRAINING_COMPLETE.json"
+
+
+def _completion_key(cfg) -> dict:
+    import dataclasses
+
+    from .checkpoints import config_hash
+
+    return {"config_hash": config_hash(dataclasses.asdict(cfg)), "max_train_steps": cfg.max_train_steps,
+            "num_train_epochs": cfg.num_train_epochs}
+
+
+def mark_complete(output_dir: Path, cfg, step: int) -> None:
+    """Written last, after export and upload: a restarted container sees the job is done."""
+    fd, tmp = tempfile.mkstemp(prefix=".complete.", dir=output_dir)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({**_completion_key(cfg), "step": step}, fh)
+    os.replace(tmp, output_dir / COMPLETE_MARKER)
+
+
+def completed_step(output_dir: Path, cfg) -> int | None:
+    """The final step if this exact job (same config and length) already finished, else None."""
+    path = output_dir / COMPLETE_MARKER
+    if cfg.resume_from_checkpoint.lower() == "none" or not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    key = _completion_key(cfg)
+    return doc.get("step") if all(doc.get(k) == v for k, v in key.items()) else None

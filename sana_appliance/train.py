@@ -533,6 +533,13 @@ class _nullcontext:
 
 
 def train(resolved: Resolved) -> None:
+    output_dir = Path(resolved.config.output_dir)
+    done = runinfo.completed_step(output_dir, resolved.config)
+    if done is not None:
+        # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
+        log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
+                 "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
+        return
     run = Run(resolved)
     try:
         run.setup()
@@ -542,6 +549,7 @@ def train(resolved: Resolved) -> None:
             from . import upload
 
             upload.publish(resolved, run.output_dir)
+            runinfo.mark_complete(run.output_dir, resolved.config, run.step)
     finally:
         run.close()
 

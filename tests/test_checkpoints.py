@@ -175,3 +175,13 @@ def test_random_kill9_always_resumes_from_a_valid_checkpoint(demo_run, shared_wo
     final = run_cli(env)
     assert final.returncode == 0, final.stderr[-3000:]
     assert same_weights(reference / "transformer.safetensors", out / "transformer.safetensors")
+
+
+def test_restart_after_completion_does_nothing(demo_run, shared_workspace):
+    """Container platforms restart finished containers: no retraining, no re-export, no re-upload."""
+    reference, _ = demo_run
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    again = run_cli(cli_env(shared_workspace, reference))
+    assert again.returncode == 0 and "already finished at step 16" in again.stderr
+    after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    assert before == after

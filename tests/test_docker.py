@@ -29,12 +29,12 @@ import pytest
 pytestmark = pytest.mark.docker
 
 REPO = Path(__file__).resolve().parent.parent
-BASE_IMAGE = os.environ.get("SANA_BASE_IMAGE", "sana-appliance-base:bookworm")
+BASE_IMAGE = os.environ.get("APPLIANCE_BASE_IMAGE", "sana-appliance-base:bookworm")
 IMAGE = "sana-appliance:test"
 # Written into the CA bundle handed to the build as a secret (PEM parsers skip text
 # between certificates). If it ever shows up in the image, a secret leaked into a layer.
 CA_MARKER = b"sana-appliance-test-planted-ca-marker"
-CA_BUNDLE = Path(os.environ.get("SANA_BUILD_CA", "/etc/ssl/certs/ca-certificates.crt"))
+CA_BUNDLE = Path(os.environ.get("APPLIANCE_BUILD_CA", "/etc/ssl/certs/ca-certificates.crt"))
 # Run-time secret: must never reach the workspace, the logs or the image.
 PLANTED_TOKEN = "hf_planted" + secrets.token_hex(12)
 DEMO_OUT = Path("output/demo")  # the demo preset's output_dir, relative to the workspace
