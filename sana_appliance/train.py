@@ -504,8 +504,7 @@ class Run:
         log.info("held-out eval loss: %.5f at start -> %.5f at step %d", self.eval_start, self.eval_end, self.step)
         self.tracker.log(self.step, {"eval_loss": self.eval_end})
         config = self.resolved.redacted()
-        datasets = [{"id": b.id, "samples": sum(1 for s in self.plan.samples if s.backend_id == b.id),
-                     "fingerprint": self.plan.fingerprint()} for b in self.plan.backends]
+        datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
         samples = validation.latest_images(self.output_dir / "validation")
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
@@ -530,6 +529,18 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _dataset_summary(backend_id: str, samples: list) -> dict:
+    """Per dataset: sample count and a fingerprint of exactly what was trained (pixels + captions)."""
+    import hashlib
+
+    from .images import sample_key
+
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=sample_key):
+        digest.update(f"{sample_key(sample)}\t{sample.caption}\n".encode())
+    return {"id": backend_id, "samples": len(samples), "fingerprint": digest.hexdigest()}
 
 
 def train(resolved: Resolved) -> None:

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import write_json
+
 
 def make_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
     """`count` photo-like JPEGs (a little larger than `size`, so load_pixels resizes) + captions."""
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"    {name:<52} {1 / per_batch:8.1f} batches/s  {args.batch_size / per_batch:8.1f} images/s"
               f"  (first batch {1000 * start_s:.0f} ms)")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return results
 
 

@@ -1,29 +1,34 @@
 """Engine overhead: steps/s of the real training loop vs a bare loop on the same model and data.
 
-    python -m sana_appliance.benchmarks.engine                 # demo preset, 60 timed steps
-    python -m sana_appliance.benchmarks.engine --quick         # a few steps (smoke test)
+    python -m sana_appliance.benchmarks.engine                 # demo preset, 8 rounds x 10 timed steps
+    python -m sana_appliance.benchmarks.engine --quick         # 1 round of 4 steps (smoke test)
 
 The engine side is ``sana_appliance.train.Run`` on the demo preset, driven in-process in
 a temporary WORKSPACE (or --workspace) with validation and periodic checkpoints off.
-``Run.setup()`` fills the caches before anything is timed; the loop is timed from the
-tracker's per-step calls (one per step, logging_steps=1), skipping --warmup steps, so
-the first DataLoader start and the held-out eval loss stay out of the number.
+``Run.setup()`` fills the caches before anything is timed; a step's time is the interval
+between two consecutive per-step tracker calls (logging_steps=1), so the held-out eval
+loss and DataLoader start at the top of ``Run.train()`` are never inside a timed step.
 
 The bare side is what a person writes to time a model: the same tiny transformer loaded
 from the same folder, the same optimizer (optimizers.build_optimizer on the same config),
 the same cached batches already collated in memory, and per step only sigmas + noise,
 forward, MSE, backward, optimizer step, zero_grad. No sampler, DataLoader or tracker.
 
-Between the two, ``--breakdown`` (on by default) adds the engine's extra work one piece at
-a time (clip + LR schedule + EMA; then reading each batch from the cache through the
+Between the two (unless --no-breakdown), the engine's extra work is added one piece at a
+time (clip + LR schedule + EMA; then reading each batch from the cache through the
 DataLoader), so an overhead is attributed to a cause rather than guessed at.
+
+Variants run in interleaved short segments (round-robin, order rotated every round; the
+first round is warm-up) and are compared by their median step: on a shared machine the
+load changes within seconds, and this gives every variant the same share of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import functools
+import itertools
 import logging
 import statistics
 import tempfile
@@ -31,6 +36,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from . import write_json
 
 
 class StepClock:
@@ -70,12 +77,22 @@ def build_run(workspace: Path, total_steps: int, workers: int):
     return run
 
 
-def time_engine(run, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of Run.train()'s steps after `warmup` steps."""
+def engine_segment(run, steps: int) -> list[float]:
+    """Run `steps` more steps of Run.train(); the durations between consecutive step ends.
+
+    Run.train() continues from run.step (same sampler position, generator, optimizer), so
+    calling it again with a higher max_steps extends the same run. Its start (held-out eval
+    loss, DataLoader creation) falls before the first step's end and is never timed."""
     clock = StepClock(run.tracker)
     run.tracker = clock
-    run.train()
-    return [clock.times[s + 1] - clock.times[s] for s in range(warmup, warmup + steps)]
+    run.max_steps = run.step + steps
+    try:
+        run.train()
+    finally:
+        run.tracker = clock.inner
+        run.stop.restore()  # train() installs its signal handlers on every call
+    ends = [clock.times[s] for s in sorted(clock.times)]
+    return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def cached_batches(run, count: int) -> list[dict]:
@@ -101,101 +118,111 @@ def batch_stream(run, workers: int):
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 
 
-def time_bare(run, batches, warmup: int, steps: int, *, extras: bool = False) -> list[float]:
-    """Seconds of each step of a plain loop on a fresh copy of the run's model, after `warmup`.
+class BareLoop:
+    """A plain loop on a fresh copy of the run's model: forward, MSE, backward, optimizer step.
 
     extras=True adds what the engine does after backward besides the optimizer step:
     gradient clipping, the LR schedule and the EMA update (when the config uses them)."""
-    from sana_appliance import models, optimizers
-    from sana_appliance.ema import EMA
 
-    cfg = run.cfg
-    parts = models.load_parts(run.parts.path, run.parts.identity, run.weight_dtype)
-    model = parts.transformer.to(run.device)
-    if cfg.gradient_checkpointing:
-        models.enable_block_checkpointing(model, cfg.gradient_checkpointing_interval)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optimizers.build_optimizer(cfg, params)
-    scheduler = optimizers.build_lr_scheduler(cfg, optimizer, warmup + steps) if extras else None
-    ema = EMA(model, cfg.ema_decay) if extras and cfg.use_ema else None
-    generator = torch.Generator().manual_seed(cfg.seed)
-    times = [time.perf_counter()]
-    for batch in batches:  # timed like the engine: from one step's end to the next one's
-        if len(times) > warmup + steps:
-            break
-        latents = batch["latents"].to(run.device, torch.float32)
-        sigmas = run.schedule.sample_sigmas(latents.shape[0], generator, run.schedule.shift)
-        noise = torch.randn(latents.shape, generator=generator)
-        noisy, target = run.schedule.noisy_and_target(latents, noise, sigmas)
-        pred = model(noisy.to(run.weight_dtype), encoder_hidden_states=batch["embeds"].to(run.device, run.weight_dtype),
-                     encoder_attention_mask=batch["mask"].to(run.device), timestep=sigmas * 1000, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), target.float())
-        loss.backward()
-        if extras and cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        if ema is not None:
-            ema.update(model)
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter())
-    return [b - a for a, b in zip(times[warmup:], times[warmup + 1:])]
+    def __init__(self, run, batches, *, extras: bool = False):
+        from sana_appliance import models, optimizers
+        from sana_appliance.ema import EMA
+
+        cfg = self.cfg = run.cfg
+        self.run, self.batches, self.extras = run, batches, extras
+        parts = models.load_parts(run.parts.path, run.parts.identity, run.weight_dtype)
+        self.model = parts.transformer.to(run.device)
+        if cfg.gradient_checkpointing:
+            models.enable_block_checkpointing(self.model, cfg.gradient_checkpointing_interval)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = optimizers.build_optimizer(cfg, self.params)
+        self.scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, 10**6) if extras else None
+        self.ema = EMA(self.model, cfg.ema_decay) if extras and cfg.use_ema else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def segment(self, steps: int) -> list[float]:
+        """Run `steps` steps; the durations between consecutive step ends (as for the engine)."""
+        run, ends = self.run, []
+        for _ in range(steps):
+            batch = next(self.batches)
+            latents = batch["latents"].to(run.device, torch.float32)
+            sigmas = run.schedule.sample_sigmas(latents.shape[0], self.generator, run.schedule.shift)
+            noise = torch.randn(latents.shape, generator=self.generator)
+            noisy, target = run.schedule.noisy_and_target(latents, noise, sigmas)
+            pred = self.model(noisy.to(run.weight_dtype), encoder_hidden_states=batch["embeds"].to(run.device, run.weight_dtype),
+                              encoder_attention_mask=batch["mask"].to(run.device), timestep=sigmas * 1000,
+                              return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            loss.backward()
+            if self.extras and self.cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            ends.append(time.perf_counter())
+        return [b - a for a, b in zip(ends, ends[1:])]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="timed steps (default 60)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--rounds", type=int, default=8, help="timed rounds (default 8)")
+    parser.add_argument("--segment", type=int, default=11, help="steps per variant per round (default 11: 10 timed)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared machine)")
-    parser.add_argument("--workers", type=int, default=0, help="engine DataLoader workers (demo preset: 0)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (demo preset: 0)")
     parser.add_argument("--workspace", type=Path, help="reuse this WORKSPACE (tiny model, data, caches)")
     parser.add_argument("--no-breakdown", action="store_true", help="only the engine and the bare loop")
-    parser.add_argument("--quick", action="store_true", help="3 warmup + 5 timed steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="1 round of 4 steps (smoke test)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.quick:
-        args.warmup, args.steps = 3, 5
+        args.rounds, args.segment = 1, 4
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
     with contextlib.ExitStack() as stack:
         workspace = args.workspace or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-engine-")))
-        total = args.warmup + args.steps
-        run = build_run(workspace, total, args.workers)
-        try:
-            batches = cached_batches(run, total)
-            # The bare loop runs before and after the engine; its steps are pooled, so a burst of
-            # load from elsewhere on a shared machine cannot favour one side.
-            bare = time_bare(run, batches, args.warmup, args.steps)
-            engine = time_engine(run, args.warmup, args.steps)
-            bare += time_bare(run, batches, args.warmup, args.steps)
-            rows = {"bare loop (preloaded batches)": bare}
-            if not args.no_breakdown:
-                rows["bare + clip, LR schedule, EMA"] = time_bare(run, batches, args.warmup, args.steps, extras=True)
-                rows[f"... + cache reads via DataLoader ({args.workers} workers)"] = time_bare(
-                    run, batch_stream(run, args.workers), args.warmup, args.steps, extras=True)
-            rows["engine (Run.train)"] = engine
-        finally:
-            run.close()
+        run = build_run(workspace, args.segment, args.workers)
+        stack.callback(run.close)
+        preloaded = cached_batches(run, len(run.sampler))  # one epoch, in memory, cycled
+        loops = {"bare loop (preloaded batches)": BareLoop(run, itertools.cycle(preloaded))}
+        if not args.no_breakdown:
+            loops["bare + clip, LR schedule, EMA"] = BareLoop(run, itertools.cycle(preloaded), extras=True)
+            loops[f"... + cache reads via DataLoader ({args.workers} workers)"] = BareLoop(
+                run, iter(batch_stream(run, args.workers)), extras=True)
+        variants = {**{name: loop.segment for name, loop in loops.items()},
+                    "engine (Run.train)": functools.partial(engine_segment, run)}
+        # Round-robin short segments: a shared machine's load changes within seconds, and
+        # interleaving gives every variant the same share of it. The first round warms up.
+        durations: dict[str, list[float]] = {name: [] for name in variants}
+        names = list(variants)
+        for round_index in range(args.rounds + 1):
+            shift = round_index % len(names)  # rotate the order too: no variant always follows the same one
+            for name in names[shift:] + names[:shift]:
+                taken = variants[name](args.segment)
+                if round_index:
+                    durations[name] += taken
 
     # Medians: robust to other processes' bursts; the means are reported beside them.
-    base = statistics.median(bare)
+    base = statistics.median(durations["bare loop (preloaded batches)"])
     results = {"preset": "demo", "batch_size": run.cfg.train_batch_size, "threads": args.threads,
-               "warmup_steps": args.warmup, "timed_steps": args.steps, "variants": {}}
-    print(f"engine benchmark: demo preset (tiny Sana), batch {run.cfg.train_batch_size}, {args.steps} timed steps "
-          f"after {args.warmup} warmup, {args.threads} torch thread(s); median (mean) ms/step")
-    for name, durations in rows.items():
-        median, mean = statistics.median(durations), statistics.fmean(durations)
-        results["variants"][name] = {"median_step_s": median, "mean_step_s": mean, "steps_per_s": 1 / median}
+               "rounds": args.rounds, "steps_per_segment": args.segment, "variants": {}}
+    print(f"engine benchmark: demo preset (tiny Sana), batch {run.cfg.train_batch_size}, {args.threads} torch "
+          f"thread(s), {args.rounds} interleaved rounds of {args.segment - 1} timed steps; median (mean) ms/step")
+    for name, taken in durations.items():
+        median, mean = statistics.median(taken), statistics.fmean(taken)
+        results["variants"][name] = {"median_step_s": median, "mean_step_s": mean, "steps_per_s": 1 / median,
+                                     "p90_step_s": statistics.quantiles(taken, n=10)[-1] if len(taken) > 1 else median,
+                                     "timed_steps": len(taken), "step_s": taken}
         print(f"  {name:<52} {1 / median:7.2f} steps/s  {1000 * median:7.1f} ({1000 * mean:7.1f}) ms/step  "
               f"{100 * (median / base - 1):+6.1f}% vs bare")
-    engine_median = statistics.median(engine)
-    results.update(engine_steps_per_s=1 / engine_median, bare_steps_per_s=1 / base,
-                   overhead_pct=100 * (engine_median / base - 1))
+    engine = statistics.median(durations["engine (Run.train)"])
+    results.update(engine_steps_per_s=1 / engine, bare_steps_per_s=1 / base, overhead_pct=100 * (engine / base - 1))
     print(f"  engine overhead: {results['overhead_pct']:+.1f}%")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
     return results
 
 
