@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import AssetError
+from .fsutil import atomic_open
 from .resolve import Credentials, HubSettings, Workspace
 
 LOG = logging.getLogger("sana_appliance.assets")
@@ -363,17 +363,8 @@ def _write_ref(cache_dir: Path, target: _Target, sha: str) -> None:
     ref = _ref_path(cache_dir, target)
     if ref is None:
         return
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=ref.parent, prefix=f".{ref.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(sha)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, ref)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(ref) as handle:
+        handle.write(sha)
 
 
 def _from_cache(target: _Target, *, cache_dir: Path, local_dir: Path | None) -> tuple[str, Path]:

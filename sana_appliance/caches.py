@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .fsutil import atomic_save_safetensors
 
 log = logging.getLogger("sana_appliance.caches")
 FORMAT_VERSION = "1"
@@ -32,20 +32,6 @@ FORMAT_VERSION = "1"
 
 def digest(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass
@@ -158,7 +144,7 @@ class TextEmbedCache(KeyedCache):
     def write(self, key: str, embeds: torch.Tensor, mask: torch.Tensor, caption: str) -> None:
         meta = {"caption": caption, "encoder": self.encoding.encoder_identity,
                 "max_length": str(self.encoding.max_length), "format": FORMAT_VERSION}
-        atomic_save(pack_embedding(embeds.detach().cpu(), mask.detach().cpu()), self.path(key), meta)
+        atomic_save_safetensors(pack_embedding(embeds.detach().cpu(), mask.detach().cpu()), self.path(key), meta)
 
 
 # ---------------------------------------------------------------- latents
@@ -190,4 +176,4 @@ class LatentCache(KeyedCache):
     def write(self, key: str, latents: torch.Tensor, source: str) -> None:
         meta = {"scaling_factor": repr(self.encoding.scaling_factor), "scaled": "true",
                 "vae": self.encoding.vae_identity, "source": source, "format": FORMAT_VERSION}
-        atomic_save({"latents": latents.detach().to(torch.float32).cpu()}, self.path(key), meta)
+        atomic_save_safetensors({"latents": latents.detach().to(torch.float32).cpu()}, self.path(key), meta)

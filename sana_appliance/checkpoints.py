@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, DataError
+from .fsutil import fsync_path
 
 log = logging.getLogger("sana_appliance.checkpoints")
 
@@ -48,20 +49,11 @@ class CheckpointRef:
     step: int
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(path)
+            fsync_path(f)
+    fsync_path(path)
 
 
 def list_checkpoints(root: Path) -> tuple[list[CheckpointRef], list[Path]]:
@@ -123,15 +115,14 @@ def save(
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
         _fsync_tree(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
-        with open(tmp / MARKER, "rb") as fh:
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_path(tmp / MARKER)
+        fsync_path(tmp)
         stale = None
         if final.exists():  # a folder of the same step: move it aside in one atomic rename, never delete in place
             stale = root / f".checkpoint-{step}.stale-{os.getpid()}.tmp"
             os.replace(final, stale)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_path(root)
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
     except Exception as exc:  # OSError, or safetensors' own error wrapping ENOSPC

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +29,7 @@ from PIL import Image
 
 from .dataconfig import Backend, TextEmbedsBackend, load_data_config
 from .errors import AssetError, DataError
+from .fsutil import atomic_write_json
 from .images import (
     IMAGE_EXTENSIONS,
     MAX_IMAGE_PIXELS,
@@ -73,16 +73,7 @@ class DataPlan:
             "skipped": self.skipped,
         }
         target = output_dir / "data_report.json"
-        fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".data_report.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(report, fh, indent=2, ensure_ascii=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(target, report, indent=2, ensure_ascii=False)
         return target
 
     def fingerprint(self) -> str:

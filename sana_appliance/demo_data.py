@@ -32,6 +32,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from .fsutil import fsync_path
 from .images import Sample
 from .resolve import Workspace
 
@@ -109,7 +110,7 @@ def ensure_demo_dataset(workspace: Workspace) -> Path:
         meta = {"version": DEMO_VERSION, "train": NUM_TRAIN, "eval": NUM_EVAL, "image_size": IMAGE_SIZE}
         (tmp / "DONE").write_text(json.dumps(meta) + "\n", encoding="utf-8")
         for path in sorted(tmp.rglob("*")) + [tmp]:
-            _fsync(path)
+            fsync_path(path)
         if (root / "DONE").is_file():
             return root  # another process (rank) finished first; ours is discarded below
         if root.exists():  # a stale, incomplete folder from an older crash
@@ -120,19 +121,11 @@ def ensure_demo_dataset(workspace: Workspace) -> Path:
             # Another process (rank) finished first: theirs is as good as ours.
             if not (root / "DONE").is_file():
                 raise
-        _fsync(workspace.datasets_dir)
+        fsync_path(workspace.datasets_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return root
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def demo_config_entries(workspace: Workspace) -> list[dict]:

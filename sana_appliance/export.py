@@ -10,21 +10,11 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from .fsutil import atomic_save_safetensors
 
 log = logging.getLogger("sana_appliance.export")
 COPIED_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def _atomic_safetensors(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_final(
@@ -40,9 +30,9 @@ def export_final(
     plus output/transformer.safetensors and output/transformer_ema.safetensors."""
     meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config), default=str)}
     trained = {k: v for k, v in transformer.state_dict().items()}
-    _atomic_safetensors(trained, output_dir / "transformer.safetensors", meta)
+    atomic_save_safetensors(trained, output_dir / "transformer.safetensors", meta)
     if ema_state is not None:
-        _atomic_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)
+        atomic_save_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)
 
     backup = None
     if ema_state is not None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from .fsutil import atomic_write_json
 
 PACKAGES = ("sana-appliance", "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub",
             "bitsandbytes", "torch-optimi", "wandb", "pillow", "numpy")
@@ -65,11 +65,7 @@ def write(path: Path, *, resolved, model_info: dict, datasets: list[dict], timin
         **extra,
     }
     doc = redact(doc, resolved.credentials.values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".run.", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_json(path, doc, indent=2, default=str)
 
 
 COMPLETE_MARKER = "TRAINING_COMPLETE.json"
@@ -86,10 +82,7 @@ def _completion_key(cfg) -> dict:
 
 def mark_complete(output_dir: Path, cfg, step: int) -> None:
     """Written last, after export and upload: a restarted container sees the job is done."""
-    fd, tmp = tempfile.mkstemp(prefix=".complete.", dir=output_dir)
-    with os.fdopen(fd, "w") as fh:
-        json.dump({**_completion_key(cfg), "step": step}, fh)
-    os.replace(tmp, output_dir / COMPLETE_MARKER)
+    atomic_write_json(output_dir / COMPLETE_MARKER, {**_completion_key(cfg), "step": step})
 
 
 def completed_step(output_dir: Path, cfg) -> int | None:

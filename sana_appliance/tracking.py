@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 log = logging.getLogger("sana_appliance.tracking")
@@ -34,9 +33,8 @@ class JsonlTracker(NullTracker):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            with atomic_open(path) as handle:
+                handle.write("".join(line + "\n" for line in kept))
         self._fh = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
