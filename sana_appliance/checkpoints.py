@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, DataError
-from .fsutil import fsync_path
+from .fsutil import fsync_path, make_readable
 
 log = logging.getLogger("sana_appliance.checkpoints")
 
@@ -106,13 +106,13 @@ def save(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", suffix=".tmp", dir=root))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         for name, tensor_dict in tensors.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{name}.safetensors")
         for name, obj in objects.items():
             torch.save(obj, tmp / f"{name}.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+        make_readable(tmp)
         _fsync_tree(tmp)
         (tmp / MARKER).write_text(json.dumps({"step": step}))
         fsync_path(tmp / MARKER)

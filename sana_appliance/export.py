@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .fsutil import atomic_save_safetensors
+from .fsutil import atomic_save_safetensors, make_readable
 
 log = logging.getLogger("sana_appliance.export")
 COPIED_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -41,7 +41,6 @@ def export_final(
         assert not unexpected, unexpected
     final = output_dir / "final"
     tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         # The frozen parts are copied byte for byte from the base model folder: exact, and
         # no need to bring the text encoder back into memory.
@@ -57,6 +56,7 @@ def export_final(
         for image in sample_images:
             shutil.copy2(image, samples / image.name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
+        make_readable(tmp)
         if final.exists():
             old = output_dir / ".final.old"
             shutil.rmtree(old, ignore_errors=True)

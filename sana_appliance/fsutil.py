@@ -24,6 +24,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def make_readable(root: Path) -> None:
+    """Folders 0755, files 0644 under `root`: temp-file writers (ours, safetensors') leave 0600/0700,
+    and outputs must be readable by whoever mounts the volume."""
+    os.chmod(root, 0o755)
+    for path in root.rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed onto `path`."""

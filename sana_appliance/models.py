@@ -23,6 +23,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .errors import AssetError
+from .fsutil import make_readable
 from .schema import BUILTIN_MODEL
 
 log = logging.getLogger("sana_appliance.models")
@@ -122,9 +123,9 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs must be readable like any folder
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        make_readable(tmp)
         (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed}))
         os.replace(tmp, dest)
     except OSError:

@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from .fsutil import atomic_open
+
 log = logging.getLogger("sana_appliance.tracking")
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_engine_benchmark_times_the_real_run_and_the_bare_loop(tmp_path, capsys)
     assert all(v["steps_per_s"] > 0 for v in variants.values())
     assert json.loads((tmp_path / "e.json").read_text())["overhead_pct"] == pytest.approx(results["overhead_pct"])
     # The engine really trained: its metrics file has one line per step of both segments (warm-up + timed).
-    lines = (tmp_path / "ws" / "out" / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(results["output_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines if "loss" in json.loads(x)] == list(range(1, 9))
 
 

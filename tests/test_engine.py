@@ -52,6 +52,10 @@ def test_demo_outputs_are_complete(demo_run):
     assert run["datasets"][0]["fingerprint"] and run["timings_s"]["train_s"] > 0
     assert run["eval_loss"]["end"] < run["eval_loss"]["start"], run["eval_loss"]
     assert "held-out eval loss" in log
+    # Outputs are readable by whoever mounts the volume: no 0600 files or 0700 folders, none world-writable.
+    for path in output.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
     # The planted token appears in no output file, log or model card.
     assert PLANTED_TOKEN not in all_text_under(output)
     assert PLANTED_TOKEN not in log
