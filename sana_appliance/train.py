@@ -9,7 +9,6 @@ and a resumed run continues the exact sequence of an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import random
@@ -22,38 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import caches, checkpoints, models, runinfo, tracking, validation
+from . import checkpoints, models, precompute, runinfo, tracking, validation
 from .errors import DivergedError, ExitCode, StopRequested
 from .flow import FlowSchedule
+from .precompute import CachedDataset
 from .resolve import Resolved
 from .schema import BUILTIN_DATASET
 
 log = logging.getLogger("sana_appliance.train")
 
 EVAL_SAMPLES = 8
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Batches of cached latents (or pixels when vae_cache_disable) and text embeddings."""
-
-    def __init__(self, samples, latent_keys, latent_caches, text_cache, online_pixels: bool):
-        self.samples, self.latent_keys, self.latent_caches = samples, latent_keys, latent_caches
-        self.text_cache, self.online_pixels = text_cache, online_pixels
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        embeds, mask = self.text_cache.load(self.text_cache.key(sample.caption))
-        item = {"embeds": embeds, "mask": mask}
-        if self.online_pixels:
-            from .images import load_pixels
-
-            item["pixels"] = load_pixels(sample)
-        else:
-            item["latents"] = self.latent_caches[sample.backend_id].load(self.latent_keys[index])
-        return item
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -175,96 +152,16 @@ class Run:
 
     def _fill_caches(self) -> None:
         """Encode every caption and image not yet cached; then the frozen parts leave the accelerator."""
-        cfg, parts, rank, world = self.cfg, self.parts, self.accelerator.process_index, self.world
-        encoding = caches.TextEncoding(
-            encoder_identity=f"{parts.identity}|text_encoder:{cfg.text_encoder_1_precision}",
-            max_length=cfg.tokenizer_max_length, dtype=str(self.compute_dtype),
-            instruction=tuple(models.complex_human_instruction(cfg.sana_complex_human_instruction) or ()) or None,
-        )
-        self.text_cache = caches.TextEmbedCache(self.plan.text_embeds.cache_dir, encoding)
-        self.prompts = validation.load_prompts(cfg) if cfg.validation_steps else {}
-        captions = [s.caption for s in self.plan.samples + self.eval_samples] + list(self.prompts.values())
-        negatives = [cfg.validation_negative_prompt] if cfg.validation_negative_prompt and self.prompts else []
-        self._fill_text_cache(captions, negatives, rank, world)
-        self.accelerator.wait_for_everyone()
-        gc.collect()
-
-        latent_encoding = caches.LatentEncoding(parts.identity, float(parts.vae.config.scaling_factor))
-        backends = {b.id: b for b in self.plan.backends}
-        self.latent_caches = {bid: caches.LatentCache(Path(b.cache_dir_vae), latent_encoding) for bid, b in backends.items()}
-        self.latent_keys = self._latent_keys(self.plan.samples)
-        self.eval_keys = self._latent_keys(self.eval_samples)
-        if not cfg.vae_cache_disable:
-            self._fill_latents(self.plan.samples + self.eval_samples, self.latent_keys + self.eval_keys, rank, world)
-        self.accelerator.wait_for_everyone()
-        if not cfg.vae_cache_disable:
-            parts.vae.to("cpu")  # needed again only to decode validation images
+        prepared = precompute.prepare(self.cfg, self.parts, self.plan, self.eval_samples, device=self.device,
+                                      compute_dtype=self.compute_dtype, rank=self.accelerator.process_index,
+                                      world=self.world, barrier=self.accelerator.wait_for_everyone)
+        self.text_cache, self.latent_caches, self.prompts = prepared.text_cache, prepared.latent_caches, prepared.prompts
+        self.latent_keys, self.eval_keys, self.cache_stats = prepared.latent_keys, prepared.eval_keys, prepared.stats
         if self.is_main:
-            text_stats, lat = self.text_cache.stats, [c.stats for c in self.latent_caches.values()]
-            hits, misses = sum(s.hits for s in lat), sum(s.misses for s in lat)
+            stats = self.cache_stats
+            hits, misses = stats["latent_hits"], stats["latent_encoded"]
             log.info("caches: text embeddings %d hit / %d encoded; latents %d hit / %d encoded (hit rate %.0f%%)",
-                     text_stats.hits, text_stats.misses, hits, misses, 100.0 * hits / max(1, hits + misses))
-        self.cache_stats = {"text_hits": self.text_cache.stats.hits, "text_encoded": self.text_cache.stats.misses,
-                            "latent_hits": sum(c.stats.hits for c in self.latent_caches.values()),
-                            "latent_encoded": sum(c.stats.misses for c in self.latent_caches.values())}
-
-    def _fill_text_cache(self, captions: list[str], negatives: list[str], rank: int, world: int) -> None:
-        """Gemma-2 is loaded only when some caption is missing from the cache, and freed on return."""
-        cache, cfg = self.text_cache, self.cfg
-        missing = [c for c in set(captions) if not cache.has(cache.key(c))]
-        missing_neg = [n for n in negatives if not cache.has(cache.negative_key(n))]
-        if not missing and not missing_neg and cache.has(cache.empty_key()):
-            cache.stats.hits += len(set(captions))
-            return
-        from diffusers import SanaPipeline
-
-        text_encoder = models.load_text_encoder(self.parts.path, cfg, self.device)
-        pipe = SanaPipeline(tokenizer=self.parts.tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
-        instruction = list(cache.encoding.instruction) if cache.encoding.instruction else None
-
-        @torch.no_grad()
-        def encode(batch: list[str], negative: str = ""):
-            e, m, ne, nm = pipe.encode_prompt(batch, do_classifier_free_guidance=True, negative_prompt=negative,
-                                              device=self.device, max_sequence_length=cfg.tokenizer_max_length,
-                                              complex_human_instruction=instruction)
-            return e.to(self.compute_dtype), m, ne.to(self.compute_dtype), nm
-
-        cache.fill(captions, encode, self.plan.text_embeds.write_batch_size, rank, world)
-        if rank == 0:
-            for negative in missing_neg:
-                _, _, ne, nm = encode([negative], negative)
-                cache.write(cache.negative_key(negative), ne[0], nm[0], negative)
-
-    def _latent_keys(self, samples) -> list[str]:
-        return [self.latent_caches[s.backend_id].key_for(s) for s in samples]
-
-    def _fill_latents(self, samples, keys, rank: int, world: int) -> None:
-        from .images import load_pixels
-
-        vae = self.parts.vae.to(self.device)
-        mine, seen = [], set()
-        for index, sample in enumerate(samples):
-            cache = self.latent_caches[sample.backend_id]
-            if (cache.root, keys[index]) in seen:
-                continue  # the eval subset repeats training samples: one entry, encoded once
-            seen.add((cache.root, keys[index]))
-            if cache.has(keys[index]):
-                cache.stats.hits += 1
-            else:
-                cache.stats.misses += 1
-                if index % world == rank:  # shares from the full list (see TextEmbedCache.fill)
-                    mine.append(index)
-        by_size: dict[tuple, list[int]] = {}
-        for index in mine:
-            by_size.setdefault(samples[index].size, []).append(index)
-        for indices in by_size.values():
-            for start in range(0, len(indices), self.cfg.vae_batch_size):
-                chunk = indices[start:start + self.cfg.vae_batch_size]
-                pixels = torch.stack([load_pixels(samples[i]) for i in chunk]).to(self.device, torch.float32)
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent * vae.config.scaling_factor
-                for i, lat in zip(chunk, latents):
-                    self.latent_caches[samples[i].backend_id].write(keys[i], lat, str(samples[i].path))
+                     stats["text_hits"], stats["text_encoded"], hits, misses, 100.0 * hits / max(1, hits + misses))
 
     # ------------------------------------------------------------ state
 
@@ -339,7 +236,7 @@ class Run:
         dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
 
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.sampler, num_workers=self.cfg.dataloader_num_workers,
-                                             worker_init_fn=_ignore_stop_signals)
+                                             worker_init_fn=_ignore_stop_signals, pin_memory=self.device.type == "cuda")
         for batch in loader:
             self.batches_consumed += 1
             yield batch
@@ -483,10 +380,11 @@ class Run:
         self.accelerator.wait_for_everyone()
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.signum is not None else 0.0], device=self.device)
-        if self.world > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+        local = self.stop.signum is not None
+        if self.world == 1:
+            return local  # no tensor, no device sync
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)  # all ranks agree
 
     # ------------------------------------------------------------ finish
 

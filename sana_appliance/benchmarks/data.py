@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     from sana_appliance import caches
+    from sana_appliance.precompute import CachedDataset
     from sana_appliance.resolve import Workspace
     from sana_appliance.sampler import BucketBatchSampler
-    from sana_appliance.train import CachedDataset
 
     results: dict = {"images": args.images, "size_px": args.size, "batch_size": args.batch_size,
                      "text_embedding": [args.text_tokens, args.text_dim], "threads": args.threads}

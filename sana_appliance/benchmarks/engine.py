@@ -102,8 +102,8 @@ def engine_segment(run, steps: int) -> list[float]:
 
 def cached_batches(run, count: int) -> list[dict]:
     """`count` collated batches in the engine's own sampler order, read from its caches now."""
+    from sana_appliance.precompute import CachedDataset
     from sana_appliance.sampler import BucketBatchSampler
-    from sana_appliance.train import CachedDataset
 
     dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
@@ -115,8 +115,8 @@ def cached_batches(run, count: int) -> list[dict]:
 
 def batch_stream(run, workers: int):
     """Batches read from the cache every step, through a DataLoader as the engine does."""
+    from sana_appliance.precompute import CachedDataset
     from sana_appliance.sampler import BucketBatchSampler
-    from sana_appliance.train import CachedDataset
 
     dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
