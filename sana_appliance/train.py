@@ -79,6 +79,12 @@ class Run:
         from .sampler import BucketBatchSampler
 
         cfg, t0 = self.cfg, time.monotonic()
+        import diffusers
+        import transformers
+
+        # Per-file "Loading weights" bars would bury the one progress bar a person reads.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # rank discipline: one process logs
