@@ -114,6 +114,16 @@ def _print_config(resolved: Resolved, as_json: bool) -> None:
         print(f"# warning: {warning}")
 
 
+def _log_config_summary(resolved: Resolved) -> None:
+    """The first lines of a run's log: what was chosen and where it came from (not defaults)."""
+    values = resolved.redacted()
+    chosen = [k for k in values if not resolved.provenance[k].startswith("default")]
+    log.info("preset %s, config file %s, workspace %s; %d keys set (all keys: `sana-appliance config`):",
+             resolved.preset or "(none)", resolved.config_path or "(none)", resolved.workspace.root, len(chosen))
+    for key in chosen:
+        log.info("  %s = %s  [%s]", key, values[key], resolved.provenance[key])
+
+
 def _print_presets() -> None:
     names = presets_mod.available()
     rows = [presets_mod.load(n) for n in names]
@@ -140,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(DEMO_BANNER, file=sys.stderr, flush=True)
             for warning in resolved.warnings:
                 log.warning(warning)
+            _log_config_summary(resolved)
         if resolved.worker_rank is None:
             from .launch import launch, process_count
 

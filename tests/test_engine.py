@@ -221,3 +221,19 @@ def test_block_checkpointing_interval_keeps_numbers(tmp_path):
         grads[interval] = torch.cat([p.grad.flatten() for p in t.parameters()])
         assert set(t.state_dict()) == set(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert torch.allclose(grads[None], grads[1], atol=1e-6) and torch.allclose(grads[None], grads[2], atol=1e-6)
+
+
+def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
+    """lowest-vram's nf4 Gemma while caching: its embeddings are cached under their own keys."""
+    result = run_cli(cli_env(shared_workspace, tmp_path / "out", SANA_TEXT_ENCODER_1_PRECISION="nf4-bnb",
+                             SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    caches = json.loads((tmp_path / "out" / "run.json").read_text())["caches"]
+    assert caches["text_encoded"] > 0
+    from safetensors import safe_open
+
+    encoders = set()
+    for f in (shared_workspace / "cache" / "text").rglob("*.safetensors"):
+        with safe_open(f, "pt") as handle:
+            encoders.add(handle.metadata()["encoder"].split("|")[-1])
+    assert "text_encoder:nf4-bnb" in encoders  # nf4 embeddings never mix with full-precision ones
