@@ -101,6 +101,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
         self.resume_ref = checkpoints.find_resume(cfg.resume_from_checkpoint, self.ckpt_root)
+        self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
 
         with self.accelerator.main_process_first():  # rank 0 downloads or builds; the others then find it cached
             model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
@@ -155,6 +156,24 @@ class Run:
             self._load_checkpoint(self.resume_ref)
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.step, self.tracker_run_id,
                                       self.resolved.hub.wandb_mode, self.is_main)
+
+    def _check_data_config(self) -> None:
+        from .dataconfig import load_data_config
+        from .errors import ConfigError
+
+        spec, workspace = self.cfg.data_backend_config, self.resolved.workspace
+        if spec is None:
+            raise ConfigError(
+                f"data_backend_config is not set and {workspace.config_dir / 'multidatabackend.json'} does not exist: "
+                "put your SimpleTuner multidatabackend.json there, or set DATALOADER_CONFIG=path/to/it "
+                "(README: Training your own data)")
+        backends, _ = load_data_config(spec, workspace)
+        missing = [f"`{b.id}`: {b.instance_data_dir}" for b in backends if b.type == "local" and not b.instance_data_dir.is_dir()]
+        if missing:
+            from .errors import DataError
+
+            raise DataError(f"dataset folders not found ({spec}): {'; '.join(missing)}. Put the images there or fix "
+                            "instance_data_dir (relative paths resolve against WORKSPACE).")
 
     def _fill_caches(self) -> None:
         """Encode every caption and image not yet cached; then the frozen parts leave the accelerator."""

@@ -402,3 +402,22 @@ def test_two_images_batch_4_needs_repeats(ws):
     assert report["backends"]["pair"]["usable"] == 2 and report["backends"]["pair"]["samples_per_epoch"] == 4
     assert read(out / "run.json")["steps"] == 4
 
+
+
+def test_missing_or_broken_dataloader_config_fails_before_any_download(tmp_path):
+    """A real preset with no data must not download 10 GB of weights before saying so."""
+    from hubserver import FakeHub
+
+    ws = tmp_path / "ws"
+    with FakeHub() as hub:
+        env = cli_env(ws, ws / "output", PRESET="24g", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url)
+        for key in ("SANA_MAX_TRAIN_STEPS", "SANA_CHECKPOINTING_STEPS", "SANA_VALIDATION_STEPS"):
+            env.pop(key)
+        none = run_cli(env)
+        assert none.returncode == 2 and "multidatabackend.json" in none.stderr and "DATALOADER_CONFIG" in none.stderr
+        (ws / "config").mkdir(parents=True)
+        (ws / "config" / "multidatabackend.json").write_text(json.dumps(
+            [{"id": "mine", "type": "local", "instance_data_dir": "datasets/mine"}]))
+        absent = run_cli(env)
+        assert absent.returncode == 4 and "datasets/mine" in absent.stderr
+        assert hub.hits() == 0
