@@ -167,7 +167,8 @@ def _walk(root: Path, backend: Backend, skipped: list[dict]) -> list[Path]:
         for name in sorted(dirnames):
             sub = here / name
             if name.startswith("."):
-                skip(sub, "hidden folder, not searched")
+                if not (name == ".cache" and (sub / "huggingface").is_dir()):  # a Hub download's own bookkeeping
+                    skip(sub, "hidden folder, not searched")
                 dirnames.remove(name)
             elif sub.is_symlink():
                 skip(sub, "symlinked folder, not followed (copy or mount the files into the dataset folder)")

@@ -421,3 +421,36 @@ def test_missing_or_broken_dataloader_config_fails_before_any_download(tmp_path)
         absent = run_cli(env)
         assert absent.returncode == 4 and "datasets/mine" in absent.stderr
         assert hub.hits() == 0
+
+
+def test_huggingface_dataset_backend_downloads_through_assets(tmp_path):
+    """`type: huggingface`: the dataset repo is fetched (sha-pinned) into the workspace and trained on."""
+    import io
+
+    from hubserver import FakeHub
+
+    files = {}
+    for i, (colour, name) in enumerate([((200, 30, 30), "red"), ((30, 200, 30), "green"), ((30, 30, 200), "blue"),
+                                        ((200, 200, 30), "yellow")]):
+        buf = io.BytesIO()
+        Image.new("RGB", (72, 64), colour).save(buf, format="PNG")
+        files[f"img{i}.png"] = buf.getvalue()
+        files[f"img{i}.txt"] = f"a flat {name} image".encode()
+    ws = tmp_path / "ws"
+    (ws / "config").mkdir(parents=True)
+    (ws / "config" / "multidatabackend.json").write_text(json.dumps([
+        {"id": "hub-shapes", "type": "huggingface", "dataset_name": "acme/flat-colours", "caption_strategy": "textfile",
+         "resolution": 64, "resolution_type": "pixel_area", "minimum_image_size": 32, "cache_dir_vae": "cache/vae/hub"},
+        {"id": "text-embeds", "type": "local", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text/hub"},
+    ]))
+    with FakeHub() as hub:
+        repo = hub.add_repo("acme/flat-colours", files, repo_type="dataset")
+        result = run_cli(cli_env(ws, ws / "output", HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url,
+                                 SANA_PRETRAINED_MODEL_NAME_OR_PATH="builtin:tiny-sana", SANA_MAX_TRAIN_STEPS="2",
+                                 SANA_VALIDATION_STEPS="0", SANA_TRAIN_BATCH_SIZE="2", SANA_MIXED_PRECISION="no",
+                                 SANA_OPTIMIZER="adamw", SANA_TOKENIZER_MAX_LENGTH="48"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((ws / "output" / "data_report.json").read_text())
+    stats = report["backends"]["hub-shapes"]
+    assert stats["hub_dataset"] == {"repo_id": "acme/flat-colours", "commit": repo.sha}
+    assert report["num_samples"] == 4 and report["num_skipped"] == 0
