@@ -13,7 +13,6 @@ from . import __version__
 from . import presets as presets_mod
 from .errors import ApplianceError, ConfigError, ExitCode
 from .resolve import CliArgs, Resolved, resolve
-from .schema import field_map
 
 log = logging.getLogger("sana_appliance")
 
@@ -145,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "config":
             _print_config(resolved, args.json)
             return ExitCode.OK
-        if not resolved.worker_rank:  # the launcher or a single process speaks; workers > 0 stay quiet
+        if resolved.worker_rank is None:  # the launcher or a single process speaks; its workers stay quiet
             if resolved.demo_fallback:
                 print(DEMO_BANNER, file=sys.stderr, flush=True)
             for warning in resolved.warnings:
@@ -168,5 +167,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("sana-appliance: interrupted", file=sys.stderr)
         return ExitCode.SIGINT
 
-
-__all__ = ["main", "field_map"]

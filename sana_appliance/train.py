@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import checkpoints, models, precompute, runinfo, tracking, validation
-from .errors import DivergedError, ExitCode, StopRequested
+from .errors import ConfigError, DataError, DivergedError, ExitCode, StopRequested
 from .flow import FlowSchedule
 from .precompute import CachedDataset
 from .resolve import Resolved
@@ -159,7 +159,6 @@ class Run:
 
     def _check_data_config(self) -> None:
         from .dataconfig import load_data_config
-        from .errors import ConfigError
 
         spec, workspace = self.cfg.data_backend_config, self.resolved.workspace
         if spec is None:
@@ -170,8 +169,6 @@ class Run:
         backends, _ = load_data_config(spec, workspace)
         missing = [f"`{b.id}`: {b.instance_data_dir}" for b in backends if b.type == "local" and not b.instance_data_dir.is_dir()]
         if missing:
-            from .errors import DataError
-
             raise DataError(f"dataset folders not found ({spec}): {'; '.join(missing)}. Put the images there or fix "
                             "instance_data_dir (relative paths resolve against WORKSPACE).")
 
@@ -228,8 +225,6 @@ class Run:
         tensors, objects, state = checkpoints.load(ref)
         errors, notes = checkpoints.compare_configs(state.get("config", {}), self.resolved.redacted())
         if errors:
-            from .errors import ConfigError
-
             raise ConfigError([f"cannot resume from {ref.path}: {e}; use resume_from_checkpoint=none or a new output_dir" for e in errors])
         if state.get("world_size", 1) != self.world:
             log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
