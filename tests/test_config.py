@@ -325,3 +325,11 @@ def test_readme_documents_every_key_and_env_var():
     for module in sorted((ROOT / "sana_appliance").glob("*.py")):  # the file map is kept true
         if module.name not in ("__init__.py", "__main__.py"):
             assert f"`sana_appliance/{module.name}`" in readme, module.name
+
+
+def test_multi_gpu_preset_launches_one_process_per_gpu(tmp_path):
+    c = resolve(env_for(tmp_path, PRESET="multi-gpu")).config
+    assert c.num_processes == 0
+    from sana_appliance.launch import process_count
+
+    assert process_count(0) >= 1 and process_count(3) == 3
