@@ -29,7 +29,7 @@ def export_final(
     """Write output/final/ (pipeline; EMA weights in the transformer when EMA is on) atomically,
     plus output/transformer.safetensors and output/transformer_ema.safetensors."""
     meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config), default=str)}
-    trained = {k: v for k, v in transformer.state_dict().items()}
+    trained = transformer.state_dict()
     atomic_save_safetensors(trained, output_dir / "transformer.safetensors", meta)
     if ema_state is not None:
         atomic_save_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)

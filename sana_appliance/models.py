@@ -152,7 +152,7 @@ def builtin_model_path(cache_dir: Path) -> Path:
 
 def load_parts(path: Path, identity: str, weight_dtype: torch.dtype) -> SanaParts:
     """Load a diffusers Sana folder. The transformer is stored in `weight_dtype` (it trains);
-    the VAE stays fp32 (deterministic latents) and the text encoder in its saved dtype."""
+    the VAE stays fp32 (deterministic latents). The text encoder is not loaded here: see load_text_encoder."""
     from diffusers import AutoencoderDC, SanaTransformer2DModel
     from transformers import AutoTokenizer
 
