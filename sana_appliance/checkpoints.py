@@ -5,6 +5,11 @@ beside it, every file fsynced, the marker `COMPLETE` written last, then the fold
 renamed into place and the parent fsynced. A folder without the marker is never a
 checkpoint (a kill at any moment leaves either the previous state or a complete new one).
 All paths stored inside are relative, so the volume can be mounted anywhere.
+
+The marker also records every file's size and xxh3-128 digest: a checkpoint damaged after
+it was written (a truncated copy, a bad disk, a file deleted by hand) is found before use,
+moved aside as `checkpoint-<step>.damaged` (never deleted: it may be all there is), and the
+next older valid checkpoint is used instead, so a restart never loops on the same folder.
 """
 
 from __future__ import annotations
@@ -23,15 +28,33 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import ConfigError, DataError
+from .errors import ApplianceError, ConfigError, DataError
 from .fsutil import fsync_path, make_readable
 
 log = logging.getLogger("sana_appliance.checkpoints")
 
 MARKER = "COMPLETE"
+MARKER_FORMAT = 2  # 1: {"step"} only; 2: + "files": {name: {"bytes", "xxh3_128"}}
 NAME = re.compile(r"^checkpoint-(\d+)$")
+DAMAGED_SUFFIX = ".damaged"
+STATE_FILE = "trainer_state.json"
 # Keys whose change makes a checkpoint unusable (another model, another batch geometry).
 INCOMPATIBLE_KEYS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer")
+# Keys baked into loaded state (optimizer param groups, LR schedule, random streams) that
+# the run re-applies from the current config after loading, and how each then applies.
+REAPPLIED_KEYS = {
+    "learning_rate": "applied to the optimizer and LR schedule from this step on",
+    "lr_scheduler": "the schedule is rebuilt from the config at the resumed step",
+    "lr_warmup_steps": "the schedule is rebuilt from the config at the resumed step",
+    "max_train_steps": "the schedule is rebuilt for the new length",
+    "num_train_epochs": "the schedule is rebuilt for the new length",
+    "adam_beta1": "applied to the optimizer from this step on",
+    "adam_beta2": "applied to the optimizer from this step on",
+    "adam_weight_decay": "applied to the optimizer from this step on",
+    "adam_epsilon": "applied to the optimizer from this step on",
+    "seed": "noise and data order are drawn from the new seed from this step on",
+    "use_ema": "an EMA started now begins at the resumed weights",
+}
 # Keys that do not affect what a checkpoint holds.
 NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "validation_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "report_to", "push_to_hub", "push_checkpoints_to_hub",
@@ -73,15 +96,119 @@ def list_checkpoints(root: Path) -> tuple[list[CheckpointRef], list[Path]]:
     return valid, invalid
 
 
+class CheckpointDamaged(ApplianceError):
+    """A checkpoint with its marker whose contents are not what was written."""
+
+    def __init__(self, ref: CheckpointRef, problems: list[str]):
+        self.ref, self.problems = ref, problems
+        super().__init__(f"{ref.path.name} is damaged: {'; '.join(problems)}")
+
+
+def _digest(path: Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {f.name: {"bytes": f.stat().st_size, "xxh3_128": _digest(f)}
+            for f in sorted(folder.iterdir()) if f.is_file() and f.name != MARKER}
+
+
+def _structural_problems(path: Path) -> list[str]:
+    """Cheap checks for a marker without a manifest (format 1): the file must at least parse."""
+    import zipfile
+
+    try:
+        if path.suffix == ".safetensors":
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                header_len = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(header_len)) if 0 < header_len < size else None
+            if header is None:
+                return [f"{path.name}: not a safetensors file"]
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + header_len + end != size:
+                return [f"{path.name}: {size} bytes, the header describes {8 + header_len + end} (truncated?)"]
+        elif path.suffix == ".pt":
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                return [f"{path.name}: corrupt member {bad}"]
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        return [f"{path.name}: unreadable ({exc.__class__.__name__}: {exc})"]
+    return []
+
+
+def verify(ref: CheckpointRef) -> list[str]:
+    """What is wrong with a marked checkpoint (empty: it is intact). Reads every file once."""
+    try:
+        marker = json.loads((ref.path / MARKER).read_text() or "{}")
+    except (OSError, ValueError) as exc:
+        return [f"{MARKER}: unreadable ({exc})"]
+    files = marker.get("files") if isinstance(marker, dict) else None
+    problems = []
+    if files is None:  # written before manifests existed
+        if not (ref.path / STATE_FILE).is_file():
+            problems.append(f"{STATE_FILE}: missing")
+        for f in sorted(ref.path.iterdir()):
+            if f.is_file() and f.name != MARKER:
+                problems += _structural_problems(f)
+        return problems
+    for name, expected in sorted(files.items()):
+        f = ref.path / name
+        if not f.is_file():
+            problems.append(f"{name}: missing")
+        elif f.stat().st_size != expected["bytes"]:
+            problems.append(f"{name}: {f.stat().st_size} bytes, {expected['bytes']} were written (truncated?)")
+        elif _digest(f) != expected["xxh3_128"]:
+            problems.append(f"{name}: contents changed since it was written (checksum mismatch)")
+    return problems
+
+
+def quarantine(ref: CheckpointRef, problems: list[str]) -> Path:
+    """Move a damaged checkpoint aside (kept for inspection, never used again) and say so."""
+    target = ref.path.with_name(ref.path.name + DAMAGED_SUFFIX)
+    n = 1
+    while target.exists():
+        target = ref.path.with_name(f"{ref.path.name}{DAMAGED_SUFFIX}-{n}")
+        n += 1
+    os.replace(ref.path, target)
+    fsync_path(ref.path.parent)
+    try:
+        (target / "DAMAGED.json").write_text(json.dumps({"problems": problems}, indent=2))
+    except OSError:
+        pass  # the record is a courtesy; the log line below is the report
+    log.warning("%s is damaged (%s): moved aside to %s, not deleted; inspect or delete it to free the space",
+                ref.path.name, "; ".join(problems), target.name)
+    return target
+
+
 def find_resume(setting: str, root: Path) -> CheckpointRef | None:
-    """Which checkpoint `resume_from_checkpoint` designates (None: start fresh)."""
+    """Which checkpoint `resume_from_checkpoint` designates (None: start fresh).
+
+    `latest` verifies the newest marked checkpoint and falls back, oldest last, past any
+    damaged one (each moved aside). An explicit path that is damaged is a config error."""
     if setting.lower() in ("none", "false", ""):
         return None
     if setting.lower() == "latest":
         valid, invalid = list_checkpoints(root)
         for path in invalid:
             log.warning("skipping %s: no %s marker (an interrupted save); it is not a checkpoint", path, MARKER)
-        return valid[-1] if valid else None
+        for ref in reversed(valid):
+            problems = verify(ref)
+            if not problems:
+                return ref
+            quarantine(ref, problems)
+        if valid:
+            log.warning("no intact checkpoint is left in %s: training starts from step 0", root)
+        return None
     path = Path(setting)
     if not path.is_absolute():
         path = root / path
@@ -90,7 +217,12 @@ def find_resume(setting: str, root: Path) -> CheckpointRef | None:
         raise ConfigError(f"resume_from_checkpoint={setting!r}: {path} is not a checkpoint-<step> folder; use `latest` or `none`")
     if not (path / MARKER).is_file():
         raise ConfigError(f"resume_from_checkpoint={setting!r}: {path} has no {MARKER} marker (an interrupted save); use `latest`")
-    return CheckpointRef(path, int(match.group(1)))
+    ref = CheckpointRef(path, int(match.group(1)))
+    problems = verify(ref)
+    if problems:
+        raise ConfigError(f"resume_from_checkpoint={setting!r}: {path} is damaged ({'; '.join(problems)}); "
+                          "use `latest` (falls back to the newest intact checkpoint) or another checkpoint")
+    return ref
 
 
 def save(
@@ -111,10 +243,11 @@ def save(
             save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{name}.safetensors")
         for name, obj in objects.items():
             torch.save(obj, tmp / f"{name}.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
         make_readable(tmp)
         _fsync_tree(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        # Digests are read back from the written files: the marker vouches for what is on disk.
+        (tmp / MARKER).write_text(json.dumps({"step": step, "format": MARKER_FORMAT, "files": _manifest(tmp)}, indent=1))
         fsync_path(tmp / MARKER)
         fsync_path(tmp)
         stale = None
@@ -138,9 +271,13 @@ def save(
 
 
 def load(ref: CheckpointRef) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]:
-    tensors = {p.stem: load_file(p) for p in ref.path.glob("*.safetensors")}
-    objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in ref.path.glob("*.pt")}
-    state = json.loads((ref.path / "trainer_state.json").read_text())
+    """(tensors, objects, trainer state); a file that will not load raises CheckpointDamaged."""
+    try:
+        tensors = {p.stem: load_file(p) for p in ref.path.glob("*.safetensors")}
+        objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in ref.path.glob("*.pt")}
+        state = json.loads((ref.path / STATE_FILE).read_text())
+    except Exception as exc:  # safetensors, zip, pickle and JSON each raise their own kind
+        raise CheckpointDamaged(ref, [f"does not load ({exc.__class__.__name__}: {exc})"]) from None
     return tensors, objects, state
 
 
@@ -161,16 +298,21 @@ def prune(root: Path, limit: int | None) -> list[Path]:
 
 
 def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(errors for changes that cannot be honoured, notes for changes where the current value wins)."""
+    """(errors for changes that cannot be honoured, notes saying how each other change is applied).
+
+    The current config always decides: keys in REAPPLIED_KEYS are re-applied by the run
+    over the loaded optimizer and schedule state, every other key is read from the config
+    where it is used; only INCOMPATIBLE_KEYS cannot change under a checkpoint."""
     errors, notes = [], []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
-        if old == new:
+        if old == new or key in ("output_dir", "resume_from_checkpoint"):
             continue
         if key in INCOMPATIBLE_KEYS:
             errors.append(f"{key}: checkpoint has {old!r}, config now says {new!r}")
-        elif key not in ("output_dir", "resume_from_checkpoint"):
-            notes.append(f"{key}: checkpoint {old!r} -> now {new!r} (the current value wins)")
+        else:
+            how = REAPPLIED_KEYS.get(key, "used from here on")
+            notes.append(f"{key}: checkpoint {old!r} -> now {new!r} ({how})")
     return errors, notes
 
 

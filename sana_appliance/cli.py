@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from . import __version__
+from . import __version__, runlock
 from . import presets as presets_mod
 from .errors import ApplianceError, ConfigError, ExitCode
 from .resolve import CliArgs, Resolved, resolve
@@ -150,16 +151,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             for warning in resolved.warnings:
                 log.warning(warning)
             _log_config_summary(resolved)
-        if resolved.worker_rank is None:
-            from .launch import launch, process_count
+        # One run per output folder. The lock is held by the process that owns the job: a single
+        # process, the appliance's launcher, or rank 0 under an outside launcher (torchrun).
+        lock = None
+        if resolved.worker_rank is None or (resolved.worker_rank == 0 and not resolved.under_appliance_launcher):
+            lock = runlock.acquire(Path(resolved.config.output_dir))
+        try:
+            if resolved.worker_rank is None:
+                from .launch import launch, process_count
 
-            count = process_count(resolved.config.num_processes)
-            if count > 1:
-                return launch(count, argv, dict(os.environ))
-        from .train import train  # heavy imports only when training
+                count = process_count(resolved.config.num_processes)
+                if count > 1:
+                    return launch(count, argv, dict(os.environ))
+            from .train import train  # heavy imports only when training
 
-        train(resolved)
-        return ExitCode.OK
+            train(resolved)
+            return ExitCode.OK
+        finally:
+            if lock is not None:
+                lock.release()
     except ApplianceError as exc:
         print(f"sana-appliance: error: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)

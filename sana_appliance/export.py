@@ -101,7 +101,11 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
     lines += [f"| {k} | `{config.get(k)}` |" for k in keys if k in config]
     if eval_loss:
         lines += ["", "## Held-out eval loss", ""]
-        lines += [f"- {k}: {v:.5f}" for k, v in eval_loss.items()]
+        if "start_step" in eval_loss:
+            lines += [f"- start (step {eval_loss['start_step']}): {eval_loss['start']:.5f}",
+                      f"- end (step {eval_loss['end_step']}): {eval_loss['end']:.5f}"]
+        else:
+            lines += [f"- {k}: {v:.5f}" for k, v in eval_loss.items()]
     lines += ["", "## Samples", ""]
     lines += [f"![{name}](samples/{name})" for name in samples]
     lines += [

@@ -10,6 +10,7 @@ and stop together, and exits with the workers' code (0, 2-5, 130, 143).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -40,7 +41,8 @@ def launch(count: int, argv: Sequence[str], env: dict[str, str]) -> int:
     workers = []
     for rank in range(count):
         worker_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(count),
-                      "LOCAL_WORLD_SIZE": str(count), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                      "LOCAL_WORLD_SIZE": str(count), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                      "APPLIANCE_LAUNCHER_PID": str(os.getpid())}
         workers.append(subprocess.Popen([sys.executable, "-m", "sana_appliance", *argv], env=worker_env))
     log.info("launched %d training processes", count)
 

@@ -148,8 +148,15 @@ def _uncompensated(name, params, lr, betas, wd, eps, min_8bit_size) -> torch.opt
                       "bnb-lion8bit, bnb-lion8bit-paged, lion")
 
 
-def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_training_steps: int):
-    """cfg.lr_scheduler after cfg.lr_warmup_steps of linear warmup (diffusers' schedules).
+def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_training_steps: int,
+                       completed_steps: int = 0):
+    """cfg.lr_scheduler after cfg.lr_warmup_steps of linear warmup (diffusers' schedules),
+    positioned after ``completed_steps`` scheduler steps.
+
+    The rates always come from cfg: every group's base rate is set to cfg.learning_rate
+    (a loaded optimizer state carries the checkpoint's), so a resumed run with a changed
+    learning rate, warmup, schedule or length follows the new schedule at once. The only
+    schedule state worth saving is the step count (``scheduler.last_epoch``).
 
     ``constant`` with warmup steps means ``constant_with_warmup``: the schema documents
     lr_warmup_steps as applying to every schedule, while diffusers' ``constant`` would
@@ -164,9 +171,33 @@ def build_lr_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, num_t
     name = cfg.lr_scheduler
     if name == "constant" and cfg.lr_warmup_steps > 0:
         name = "constant_with_warmup"
-    return get_scheduler(
-        name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=num_training_steps
-    )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.learning_rate
+    # torch schedulers step once on construction: last_epoch=k-1 lands on step k.
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=num_training_steps,
+                         last_epoch=completed_steps - 1)
+
+
+# Param-group entries that come from the config (each library uses some of them).
+CONFIG_GROUP_KEYS = frozenset({"lr", "betas", "beta1", "beta2", "weight_decay", "eps"})
+
+
+def apply_hyperparameters(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> None:
+    """Overwrite the hyperparameters in ``optimizer``'s param groups with cfg's.
+
+    ``load_state_dict`` restores the checkpoint's param groups (learning rate, betas,
+    weight decay, epsilon); after it the config must decide again. The values come from
+    a throwaway optimizer built from cfg over the same parameters, so each library's own
+    key names (optimi's beta1/beta2, torch's betas) are filled in the way it expects.
+    Only CONFIG_GROUP_KEYS are copied: other group entries are loaded state (optimi's
+    ``step`` and ``setup`` flag) that a fresh optimizer would reset."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    template = build_optimizer(cfg, params)
+    if len(template.param_groups) != len(optimizer.param_groups):
+        raise ValueError("optimizer layout changed between build and resume")
+    for group, fresh in zip(optimizer.param_groups, template.param_groups):
+        for key in CONFIG_GROUP_KEYS & fresh.keys():
+            group[key] = fresh[key]
 
 
 # ----------------------------------------------------------- extended precision

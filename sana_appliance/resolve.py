@@ -112,6 +112,7 @@ class Resolved:
     warnings: tuple[str, ...] = ()
     build: dict = field(default_factory=dict)  # git sha / image digest when the image knows them
     worker_rank: int | None = None  # set inside a launched data-parallel worker (RANK)
+    under_appliance_launcher: bool = False  # the worker's launcher is ours (it holds the output lock)
 
     def __repr__(self) -> str:
         return f"Resolved(preset={self.preset!r}, config={self.redacted()!r}, provenance={self.provenance!r})"
@@ -497,6 +498,7 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
         hub=hub,
         warnings=tuple(warnings),
         worker_rank=int(env["RANK"]) if env.get("RANK", "").isdigit() and env.get("WORLD_SIZE") else None,
+        under_appliance_launcher=bool(env.get("APPLIANCE_LAUNCHER_PID")),
         build={"git_sha": env.get("APPLIANCE_GIT_SHA") or None, "image": env.get("APPLIANCE_IMAGE") or None,
                "image_digest": env.get("APPLIANCE_IMAGE_DIGEST") or None},
     )

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
-
-from .fsutil import atomic_open
 
 log = logging.getLogger("sana_appliance.tracking")
 
@@ -29,18 +28,46 @@ class NullTracker:
 
 
 class JsonlTracker(NullTracker):
-    """Appends one JSON line per logged step; lines past the resumed step are dropped on resume."""
+    """Appends one JSON line per logged step. The file is only ever appended to or cut short.
+
+    On resume at step s the lines past s (steps the interrupted run logged after its last
+    checkpoint, and a half-written last line from a kill) are cut off in place, and a line
+    the resumed run logs again at step s (its start eval loss) is not written twice: the
+    file holds each logged step once, in order.
+    """
 
     def __init__(self, path: Path, resume_step: int = 0):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._at_resume: set[tuple[int, frozenset]] = set()
+        self._resume_step = resume_step
+        keep = 0
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            with atomic_open(path) as handle:
-                handle.write("".join(line + "\n" for line in kept))
+            with open(path, "rb") as handle:
+                for raw in handle:
+                    try:
+                        line = json.loads(raw) if raw.endswith(b"\n") else None
+                    except ValueError:
+                        line = None
+                    if not isinstance(line, dict) or line.get("step", 0) > resume_step:
+                        break
+                    if line.get("step", 0) == resume_step:
+                        self._at_resume.add(self._key(line))
+                    keep += len(raw)
+            if keep < path.stat().st_size:
+                log.info("metrics.jsonl: dropping %d bytes logged after step %d (superseded by this resumed run)",
+                         path.stat().st_size - keep, resume_step)
+                os.truncate(path, keep)
         self._fh = open(path, "a", encoding="utf-8")
 
+    @staticmethod
+    def _key(line: dict) -> tuple[int, frozenset]:
+        return line.get("step", 0), frozenset(k for k in line if k != "step")
+
     def log(self, step: int, metrics: dict) -> None:
-        self._fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = {"step": step, **metrics}
+        if step == self._resume_step and self._key(line) in self._at_resume:
+            return  # already in the file from before the interruption
+        self._fh.write(json.dumps(line) + "\n")
         self._fh.flush()
 
     def close(self) -> None:

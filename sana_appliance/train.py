@@ -100,7 +100,7 @@ class Run:
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
-        self.resume_ref = checkpoints.find_resume(cfg.resume_from_checkpoint, self.ckpt_root)
+        self.resume_ref = self._choose_checkpoint()
         self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
 
         with self.accelerator.main_process_first():  # rank 0 downloads or builds; the others then find it cached
@@ -151,9 +151,8 @@ class Run:
         checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
 
         self.step, self.batches_consumed, self.tracker_run_id, self.last_saved_step = 0, 0, None, None
-        self.nonfinite_total = 0
-        if self.resume_ref is not None:
-            self._load_checkpoint(self.resume_ref)
+        self.nonfinite_total, self.eval_first = 0, None
+        self._resume()
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.step, self.tracker_run_id,
                                       self.resolved.hub.wandb_mode, self.is_main)
 
@@ -201,7 +200,8 @@ class Run:
         if self.world > 1:  # every rank's streams go into the one folder rank 0 writes
             rngs = [None] * self.world
             torch.distributed.all_gather_object(rngs, rng)
-        objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
+        # The schedule's only state is its step count: its rates come from the config (see _apply_checkpoint).
+        objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": {"last_epoch": self.lr_scheduler.last_epoch},
                    "scaler": self.scaler.state_dict(), **{f"rng_rank{i}": r for i, r in enumerate(rngs)}}
         if self.ema is not None:
             objects["ema_meta"] = {k: v for k, v in self.ema.state_dict().items() if not torch.is_tensor(v)}
@@ -209,7 +209,7 @@ class Run:
                  "sampler": self.sampler.state_dict(batches_consumed=self.batches_consumed),
                  "config_hash": checkpoints.config_hash(dataclasses.asdict(self.cfg)),
                  "config": self.resolved.redacted(), "tracker_run_id": self.tracker.run_id,
-                 "nonfinite_total": self.nonfinite_total, "model": self.model_info}
+                 "nonfinite_total": self.nonfinite_total, "model": self.model_info, "eval_loss_first": self.eval_first}
         path = None
         if self.is_main:  # weights are identical on every rank; rank 0 writes the folder
             t0 = time.monotonic()
@@ -221,9 +221,44 @@ class Run:
         self.accelerator.wait_for_everyone()
         return path or self.ckpt_root / f"checkpoint-{self.step}"
 
-    def _load_checkpoint(self, ref) -> None:
-        tensors, objects, state = checkpoints.load(ref)
-        errors, notes = checkpoints.compare_configs(state.get("config", {}), self.resolved.redacted())
+    def _choose_checkpoint(self) -> checkpoints.CheckpointRef | None:
+        """The checkpoint to resume from: rank 0 verifies (moving damaged ones aside), all ranks take its choice."""
+        ref = checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root) if self.is_main else None
+        if self.world == 1:
+            return ref
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([None if ref is None else (str(ref.path), ref.step)], from_process=0)[0]
+        return None if chosen is None else checkpoints.CheckpointRef(Path(chosen[0]), chosen[1])
+
+    def _resume(self) -> None:
+        """Load the chosen checkpoint; one that fails to load is moved aside and the next older one is tried."""
+        ref = self.resume_ref
+        while ref is not None:
+            problems = []
+            try:
+                loaded = checkpoints.load(ref)
+            except checkpoints.CheckpointDamaged as exc:
+                loaded, problems = None, exc.problems
+            if self.world > 1:  # every rank must have loaded the same folder
+                bad = torch.tensor([0.0 if loaded else 1.0], device=self.device)
+                if float(self.accelerator.reduce(bad, reduction="sum")) > 0 and loaded:
+                    loaded, problems = None, ["it failed to load on another rank"]
+            if loaded:
+                self._apply_checkpoint(ref, *loaded)
+                return
+            if self.cfg.resume_from_checkpoint.lower() != "latest":
+                raise ConfigError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint!r}: {ref.path} is damaged "
+                                  f"({'; '.join(problems)}); use `latest` or another checkpoint")
+            if self.is_main:
+                checkpoints.quarantine(ref, problems)
+            self.accelerator.wait_for_everyone()
+            ref = self.resume_ref = self._choose_checkpoint()
+
+    def _apply_checkpoint(self, ref, tensors: dict, objects: dict, state: dict) -> None:
+        cfg = self.cfg
+        saved_config = state.get("config", {})
+        errors, notes = checkpoints.compare_configs(saved_config, self.resolved.redacted())
         if errors:
             raise ConfigError([f"cannot resume from {ref.path}: {e}; use resume_from_checkpoint=none or a new output_dir" for e in errors])
         if state.get("world_size", 1) != self.world:
@@ -231,10 +266,20 @@ class Run:
         for note in notes:
             log.warning("resume: %s", note)
         self.transformer.load_state_dict(tensors["transformer"])
-        if self.ema is not None and "ema" in tensors:
-            self.ema.load_state_dict({**tensors["ema"], **objects.get("ema_meta", {})})
+        if self.ema is not None:
+            if "ema" in tensors:
+                self.ema.load_state_dict({**tensors["ema"], **objects.get("ema_meta", {})})
+            else:  # EMA switched on at resume: average from the resumed weights, not the base model's
+                from .ema import EMA
+
+                self.ema = EMA(self.transformer, cfg.ema_decay)
         self.optimizer.load_state_dict(objects["optimizer"])
-        self.lr_scheduler.load_state_dict(objects["lr_scheduler"])
+        # The loaded state carries the checkpoint's hyperparameters and schedule: the config decides again.
+        from . import optimizers
+
+        optimizers.apply_hyperparameters(cfg, self.optimizer)
+        self.lr_scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, self.max_steps,
+                                                          completed_steps=int(objects["lr_scheduler"]["last_epoch"]))
         self.scaler.load_state_dict(objects["scaler"])
         rng = objects.get(f"rng_rank{self.accelerator.process_index}") or objects.get("rng_rank0")
         random.setstate(rng["python"])
@@ -242,12 +287,16 @@ class Run:
         torch.set_rng_state(rng["torch"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["generator"])
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        if saved_config.get("seed", cfg.seed) == cfg.seed:
+            self.generator.set_state(rng["generator"])
+        else:  # a new seed: fresh streams, still a pure function of (seed, rank, step)
+            self.generator.manual_seed(cfg.seed + self.accelerator.process_index + 1_000_003 * self.step)
         self.last_saved_step = self.step
         self.sampler.load_state_dict(state["sampler"])
         self.tracker_run_id, self.nonfinite_total = state.get("tracker_run_id"), state.get("nonfinite_total", 0)
-        log.info("resumed from %s (step %d)", ref.path.name, self.step)
+        self.eval_first = state.get("eval_loss_first")
+        log.info("resumed from %s (step %d); next step's learning rate %.3g", ref.path.name, self.step, self.lr_scheduler.get_last_lr()[0])
 
     # ------------------------------------------------------------ loop
 
@@ -323,10 +372,13 @@ class Run:
         negative = self.cfg.validation_negative_prompt
         self.negative = self.text_cache.load(self.text_cache.negative_key(negative)) if negative and self.prompts else self.empty
         self.stop.install()
-        self.eval_start = self.eval_loss()
+        eval_now = self.eval_loss()
+        if self.eval_first is None:  # the first run's start: a resumed run keeps reporting it
+            self.eval_first = {"step": self.step, "value": eval_now}
+        self.eval_start = self.eval_first["value"]
         if self.is_main:
-            log.info("held-out eval loss at step %d: %.5f", self.step, self.eval_start)
-            self.tracker.log(self.step, {"eval_loss": self.eval_start})
+            log.info("held-out eval loss at step %d: %.5f", self.step, eval_now)
+            self.tracker.log(self.step, {"eval_loss": eval_now})
         batches = self._batches()
         consecutive_bad = 0
         samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
@@ -348,6 +400,7 @@ class Run:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies (read before the schedule moves on)
             if finite:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -370,7 +423,7 @@ class Run:
                     f"step {self.step}. The last checkpoint is intact; lower learning_rate, use mixed_precision=bf16, "
                     f"or raise max_nonfinite_steps.")
             elapsed = time.monotonic() - t_loop
-            metrics = {"loss": float(loss), "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            metrics = {"loss": float(loss), "lr": lr, "grad_norm": float(grad_norm),
                        "samples_per_s": samples_per_step * steps_run / max(elapsed, 1e-9), "skipped_steps": self.nonfinite_total,
                        "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
             bar.update(1)
@@ -419,20 +472,24 @@ class Run:
         self.eval_end = self.eval_loss()
         if not self.is_main:
             return
-        log.info("held-out eval loss: %.5f at start -> %.5f at step %d", self.eval_start, self.eval_end, self.step)
+        log.info("held-out eval loss: %.5f at step %d (start) -> %.5f at step %d", self.eval_start, self.eval_first["step"],
+                 self.eval_end, self.step)
         self.tracker.log(self.step, {"eval_loss": self.eval_end})
         config = self.resolved.redacted()
         datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
         samples = validation.latest_images(self.output_dir / "validation")
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
-                                 eval_loss={"start": self.eval_start, "end": self.eval_end})
+                                 eval_loss=self._eval_summary())
         ema_state = self.ema.to_state_dict_for_export(self.weight_dtype) if self.ema is not None else None
         export.export_final(output_dir=self.output_dir, transformer=self.transformer, ema_state=ema_state,
                             parts=self.parts, card=card, sample_images=samples)
         runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
-                      timings=self.timings, extra={"steps": self.step, "eval_loss": {"start": self.eval_start, "end": self.eval_end},
+                      timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
                                                    "caches": self.cache_stats, "skipped_steps": self.nonfinite_total})
+
+    def _eval_summary(self) -> dict:
+        return {"start": self.eval_start, "start_step": self.eval_first["step"], "end": self.eval_end, "end_step": self.step}
 
     def close(self) -> None:
         self.stop.restore()
