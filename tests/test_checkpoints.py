@@ -18,7 +18,7 @@ import torch
 from conftest import cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 
-from sana_appliance import checkpoints
+from sana_appliance import checkpoints, runlock
 from sana_appliance.errors import ConfigError, DataError
 
 
@@ -190,8 +190,9 @@ def test_random_kill9_always_resumes_from_a_valid_checkpoint(shared_workspace, t
 def test_restart_after_completion_does_nothing(demo_run, shared_workspace):
     """Container platforms restart finished containers: no retraining, no re-export, no re-upload."""
     reference, _ = demo_run
-    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    lock = reference / runlock.LOCK_NAME  # rewritten by every run: it names the run holding the folder
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p != lock}
     again = run_cli(cli_env(shared_workspace, reference))
     assert again.returncode == 0 and "already finished at step 16" in again.stderr
-    after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file()}
+    after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p != lock}
     assert before == after
