@@ -21,6 +21,7 @@ from typing import Any
 from . import presets as presets_mod
 from .configfiles import ENV_FILE_NAME, SIMPLETUNER_ENV_KEYS, Entry, Written, read_config_file, settings_from_env_file
 from .errors import ConfigError
+from .rules import EXAMPLES, check_rules, cross_field
 from .schema import (
     BUILTIN_DATASET,
     BUILTIN_MODEL,
@@ -38,14 +39,8 @@ ENV_PREFIX = "SANA_"
 ENV_ALIASES = {"OUTPUT_DIR": "output_dir", "DATALOADER_CONFIG": "data_backend_config"}
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 SECRET_NAME = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
-QUANTIZED_PRECISIONS = {
-    "nf4-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
-    "int8-torchao", "fp8-torchao", "int4-torchao",
-}
 PATH_KEYS = ("output_dir", "data_backend_config", "user_prompt_library")
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
-# Sana's DC-AE compresses 32x and the transformer's patch is 1: image sides are multiples of 32.
-SIZE_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -198,8 +193,10 @@ def convert(key: str, value: Any) -> Any:
     f = field_map()[key]
     base, optional = field_type(f)
     if isinstance(value, Written):
-        # YAML 1.1 read a plain word as another type (`no` -> False): a text key gets the word as written.
-        value = value.text if base is str else value.value
+        # YAML 1.1 read a plain word as another type: a text key gets the word as written (`no`, not
+        # False), a number key a decimal as written (`0500` is 500, not YAML 1.1's octal 320).
+        decimal = base in (int, float) and re.fullmatch(r"[-+]?\d[\d_]*(\.\d*)?", value.text)
+        value = value.text if base is str or decimal else value.value
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
             return None
@@ -241,112 +238,6 @@ def convert(key: str, value: Any) -> Any:
             return "true" if value else "false"
         return str(value)
     raise AssertionError(f"unhandled type {base} for {key}")
-
-
-# ---------------------------------------------------------------- validate
-
-
-def _check_rules(key: str, value: Any) -> str | None:
-    meta = field_map()[key].metadata
-    if value is None:
-        return None
-    if "choices" in meta and value not in meta["choices"]:
-        return f"must be one of: {', '.join(meta['choices'])}"
-    if "minimum" in meta and value < meta["minimum"]:
-        return f"must be >= {meta['minimum']}"
-    if "exclusive_minimum" in meta and value <= meta["exclusive_minimum"]:
-        return f"must be > {meta['exclusive_minimum']}"
-    if "maximum" in meta and value > meta["maximum"]:
-        return f"must be <= {meta['maximum']}"
-    return None
-
-
-_EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0"}
-
-
-def parse_resolutions(text: str) -> list[tuple[int, int]]:
-    """`1024x1024,1280x768` or `512` -> [(width, height), ...]."""
-    sizes = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
-        if not match:
-            raise ValueError(part)
-        width = int(match.group(1))
-        height = int(match.group(2) or width)
-        if width <= 0 or height <= 0:
-            raise ValueError(part)
-        sizes.append((width, height))
-    if not sizes:
-        raise ValueError(text)
-    return sizes
-
-
-def _cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, hub: HubSettings) -> list[str]:
-    problems = []
-
-    def say(key: str, rule: str) -> None:
-        problems.append(f"{key}={cfg[key]!r} (from {where[key]}): {rule}")
-
-    precision = str(cfg["base_model_precision"]).lower()
-    if precision in QUANTIZED_PRECISIONS:
-        say(
-            "base_model_precision",
-            "quantized weights cannot be trained in a full-rank fine-tune (model_type: full). "
-            "Use `no_change`; for the smallest memory use PRESET=lowest-vram, which trains bf16 "
-            "weights with 8-bit Lion and quantizes only the frozen text encoder "
-            "(text_encoder_1_precision: nf4-bnb).",
-        )
-    elif precision != "no_change":
-        say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
-    if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
-        say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
-    try:
-        sizes = parse_resolutions(cfg["validation_resolution"])
-    except ValueError as exc:
-        say("validation_resolution", f"cannot read {str(exc)!r}: use WxH pairs separated by commas, e.g. 1024x1024,1280x768")
-    else:
-        if any(side % SIZE_MULTIPLE for size in sizes for side in size):
-            say("validation_resolution", f"sides must be multiples of {SIZE_MULTIPLE}, e.g. "
-                f"{_nearest_resolution(cfg['validation_resolution'])}")
-    pushes = [k for k in ("push_to_hub", "push_checkpoints_to_hub") if cfg[k]]
-    if pushes:
-        also = f" (and {pushes[1]})" if len(pushes) > 1 else ""
-        if not cfg["hub_model_id"]:
-            say(pushes[0], "needs hub_model_id, e.g. hub_model_id: your-name/sana-finetune")
-        if hub.offline:
-            say(pushes[0], f"cannot upload while HF_HUB_OFFLINE is set (no network is used); unset HF_HUB_OFFLINE, "
-                f"or set {pushes[0]}: false{also} and upload output/final yourself later")
-        elif not cred.hf_token:
-            say(pushes[0], "needs a Hugging Face write token in the HF_TOKEN environment variable")
-    if cfg["report_to"] in ("wandb", "all") and not cred.wandb_api_key and hub.wandb_mode not in ("offline", "disabled"):
-        say("report_to", "wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
-    if cfg["gradient_checkpointing_interval"] > 1 and not cfg["gradient_checkpointing"]:
-        say("gradient_checkpointing_interval", "has no effect unless gradient_checkpointing: true")
-    resume = cfg["resume_from_checkpoint"]
-    if not resume.strip():
-        say("resume_from_checkpoint", "must be `latest`, `none` or a checkpoint folder")
-    return problems
-
-
-def _nearest_resolution(text: str) -> str:
-    """Valid sizes nearest to `text`: `1000` -> `992 or 1024`, `1000x600,512` -> `992x608,512`."""
-
-    def near(side: int) -> int:
-        return max(SIZE_MULTIPLE, (side + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE)
-
-    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
-    if len(parts) == 1 and "x" not in parts[0]:
-        side = int(parts[0])
-        low = max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
-        return f"{low} or {low + SIZE_MULTIPLE}" if side > low else str(low)
-    fixed = []
-    for part in parts:
-        sides = [near(int(s)) for s in part.split("x")]
-        fixed.append("x".join(str(s) for s in sides))
-    return ",".join(fixed)
 
 
 def _suggest(key: str) -> str:
@@ -478,7 +369,7 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
         except _Invalid as exc:
             written = raw.text if isinstance(raw, Written) else raw
             shown = "<redacted>" if SECRET_NAME.search(source) else repr(written)
-            example = _EXAMPLES.get(key)
+            example = EXAMPLES.get(key)
             hint = f", e.g. {example}" if example and "e.g." not in str(exc) else ""
             problems.append(f"{key}={shown} (from {source}): {exc}{hint}")
             return
@@ -518,12 +409,12 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
 
     # Single-key rules.
     for key, value in values.items():
-        rule = _check_rules(key, value)
+        rule = check_rules(key, value)
         if rule:
-            example = f", e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
+            example = f", e.g. {EXAMPLES[key]}" if key in EXAMPLES else ""
             problems.append(f"{key}={value!r} (from {where[key]}): {rule}{example}")
     # Cross-field rules run even after single-key errors, so one report lists everything.
-    problems.extend(_cross_field(values, where, credentials, hub))
+    problems.extend(cross_field(values, where, credentials, hub))
 
     # Complete: defaults found in the workspace, then absolute paths.
     if values["data_backend_config"] is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .prompts import load_prompt_set
-from .resolve import parse_resolutions
+from .rules import parse_resolutions
 
 log = logging.getLogger("sana_appliance.validation")
 

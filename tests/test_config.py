@@ -1,6 +1,6 @@
 """Config resolution: precedence, provenance, conversion, every error path, presets, CLI.
 
-Run: pytest tests/test_config.py  (no model, ~3 s)
+Run: pytest tests/test_config.py  (no model, ~5 s; subprocess tests make it longer on a busy machine)
 """
 
 from __future__ import annotations
@@ -372,12 +372,13 @@ def test_yaml_11_words_are_read_as_written_for_text_keys(tmp_path):
     path.write_text(
         "mixed_precision: no\nrevision: 0123\nvalidation_prompt: yes\ntracker_run_name: on\n"
         "validation_negative_prompt: 'off'\nuse_ema: yes\ngradient_checkpointing: off\nhub_model_id: ~\n"
-        "sana_complex_human_instruction: off\nvalidation_steps: 0\n")
+        "sana_complex_human_instruction: off\nvalidation_steps: 0\ncheckpointing_steps: 0500\nseed: 1_000\n")
     c = resolve(env_for(tmp_path, PRESET="24g", CONFIG_PATH=str(path))).config
     assert c.mixed_precision == "no" and c.revision == "0123"
     assert (c.validation_prompt, c.tracker_run_name, c.validation_negative_prompt) == ("yes", "on", "off")
     assert c.use_ema is True and c.gradient_checkpointing is False and c.hub_model_id is None
     assert c.sana_complex_human_instruction == "disabled"  # a switch word, not the instruction text "off"
+    assert c.checkpointing_steps == 500 and c.seed == 1000  # decimal as written, not YAML 1.1's octal
     path.write_text("mixed_precision: fp8\nlearning_rate: no\n")
     with pytest.raises(ConfigError) as exc:
         resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
