@@ -55,11 +55,12 @@ def check(resolved: Resolved, *, training: bool) -> Findings:
 def unwritable(path: Path) -> str | None:
     """Why no file can be made at `path` (or in the folder it will be created in); None if one can."""
     existing = path
-    while not existing.exists() and not existing.is_symlink():
+    # os.path (unlike Path.exists) answers False instead of raising inside a folder we may not enter.
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    if existing.is_symlink() and not existing.exists():
+    if os.path.islink(existing) and not os.path.exists(existing):
         return f"{existing} is a broken symbolic link"
-    if not existing.is_dir():
+    if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder"
     try:  # permission bits do not tell (read-only mounts, ACLs, root squash): try it
         fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=existing)

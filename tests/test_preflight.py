@@ -57,6 +57,10 @@ def test_unwritable_output_folder_is_refused_and_the_probe_leaves_nothing(worksp
     monkeypatch.setenv("OUTPUT_DIR", str(workspace / "afile" / "out"))
     code, _, err = config_verb(capsys)
     assert code == 2 and f"{workspace / 'afile'} is a file, not a folder" in err
+    (workspace / "dangling").symlink_to(workspace / "gone")
+    monkeypatch.setenv("OUTPUT_DIR", str(workspace / "dangling"))
+    code, _, err = config_verb(capsys)
+    assert code == 2 and f"{workspace / 'dangling'} is a broken symbolic link" in err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; /sys covers it above")
