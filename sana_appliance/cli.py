@@ -10,10 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, runlock
+from . import __version__, preflight, runlock
 from . import presets as presets_mod
 from .errors import ApplianceError, ConfigError, ExitCode
-from .resolve import CliArgs, Resolved, resolve
+from .resolve import CliArgs, Resolved, resolve_collecting
 
 log = logging.getLogger("sana_appliance")
 
@@ -87,17 +87,18 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, CliArgs]:
     return args, CliArgs(preset=args.preset, config_path=args.config_path, overrides=overrides)
 
 
-def _print_config(resolved: Resolved, as_json: bool) -> None:
+def _print_config(resolved: Resolved, as_json: bool, warnings: Sequence[str]) -> None:
     values = resolved.redacted()
     if as_json:
         doc = {
             "preset": resolved.preset,
             "demo_fallback": resolved.demo_fallback,
             "config_path": str(resolved.config_path) if resolved.config_path else None,
+            "env_file": str(resolved.env_file) if resolved.env_file else None,
             "workspace": str(resolved.workspace.root),
             "hf_home": str(resolved.workspace.hf_home),
             "keys": {k: {"value": v, "source": resolved.provenance[k]} for k, v in values.items()},
-            "warnings": list(resolved.warnings),
+            "warnings": list(warnings),
         }
         print(json.dumps(doc, indent=2))
         return
@@ -105,12 +106,14 @@ def _print_config(resolved: Resolved, as_json: bool) -> None:
         print("# DEMO: no PRESET and no config file; the demo preset applies (see `sana-appliance presets`)")
     print(f"# preset: {resolved.preset or '(none)'}")
     print(f"# config file: {resolved.config_path or '(none)'}")
+    if resolved.env_file:
+        print(f"# config.env: {resolved.env_file}")
     print(f"# workspace: {resolved.workspace.root}  (HF_HOME: {resolved.workspace.hf_home})")
     width = max(len(k) for k in values)
     for key, value in values.items():
         shown = json.dumps(value) if not isinstance(value, str) else value
         print(f"{key:<{width}} = {shown:<40}  # {resolved.provenance[key]}")
-    for warning in resolved.warnings:
+    for warning in warnings:
         print(f"# warning: {warning}")
 
 
@@ -122,6 +125,8 @@ def _log_config_summary(resolved: Resolved) -> None:
              resolved.preset or "(none)", resolved.config_path or "(none)", resolved.workspace.root, len(chosen))
     for key in chosen:
         log.info("  %s = %s  [%s]", key, values[key], resolved.provenance[key])
+    # Always say which data this run trains on, wherever the setting came from.
+    log.info("dataset config: %s  [%s]", values["data_backend_config"], resolved.provenance["data_backend_config"])
 
 
 def _print_presets() -> None:
@@ -141,14 +146,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "presets":
             _print_presets()
             return ExitCode.OK
-        resolved = resolve(os.environ, cli)
+        resolved, problems = resolve_collecting(os.environ, cli)
+        # Before any download or launch: disk-facing checks join the pure ones in one report.
+        findings = preflight.check(resolved, training=args.verb != "config")
+        if problems or findings.problems:
+            raise ConfigError(problems + findings.problems)
+        warnings = [*resolved.warnings, *findings.notes]
         if args.verb == "config":
-            _print_config(resolved, args.json)
+            _print_config(resolved, args.json, warnings)
             return ExitCode.OK
         if resolved.worker_rank is None:  # the launcher or a single process speaks; its workers stay quiet
             if resolved.demo_fallback:
                 print(DEMO_BANNER, file=sys.stderr, flush=True)
-            for warning in resolved.warnings:
+            for warning in warnings:
                 log.warning(warning)
             _log_config_summary(resolved)
         # One run per output folder. The lock is held by the process that owns the job: a single

@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .resolve import Workspace
-from .schema import BUILTIN_DATASET
+from .schema import BUILTIN_DATASET, defaults
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,25 @@ UNSUPPORTED = {
 }
 
 
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _cache_path(value: str, entry_id: str, key: str, where: str, workspace: Workspace, problems: list[str]) -> Path:
+    """A cache path with SimpleTuner's placeholders filled in: `cache/vae/{model_family}/{id}`.
+
+    Left as text, `{model_family}` would become a folder of that name; an unknown placeholder
+    is refused rather than guessed.
+    """
+    known = {"model_family": defaults()["model_family"], "id": entry_id}
+    unknown = sorted({m.group(1) for m in _PLACEHOLDER.finditer(value)} - set(known))
+    if unknown:
+        names = ", ".join(f"{{{n}}}" for n in unknown)
+        problems.append(f"{where}: {key}={value!r}: unknown placeholder {names}; only {{model_family}} (sana) and "
+                        "{id} (this dataset's id) are filled in: write the rest of the path out")
+    filled = _PLACEHOLDER.sub(lambda m: known.get(m.group(1), m.group(0)), value)
+    return workspace.resolve(filled)
+
+
 def _where(source: str, entry_id: str) -> str:
     return f"{source}: dataset `{entry_id}`"
 
@@ -279,7 +299,8 @@ def _image_backend(v: dict, where: str, source: str, workspace: Workspace, probl
         problems.append(f"{where}: probability={probability}: must be > 0; to leave a dataset out set \"disabled\": true")
     if v.get("max_num_samples") is not None and v["max_num_samples"] < 1:
         problems.append(f"{where}: max_num_samples={v['max_num_samples']}: must be >= 1 or null")
-    cache_dir_vae = workspace.resolve(v["cache_dir_vae"]) if v.get("cache_dir_vae") else workspace.cache_dir / "vae" / entry_id
+    cache_dir_vae = (_cache_path(v["cache_dir_vae"], entry_id, "cache_dir_vae", where, workspace, problems)
+                     if v.get("cache_dir_vae") else workspace.cache_dir / "vae" / entry_id)
     return Backend(
         id=entry_id, type=kind, instance_data_dir=data_dir, caption_strategy=strategy,
         instance_prompt=prompt, resolution=resolution, resolution_type=rtype,
@@ -345,7 +366,8 @@ def parse_data_config(
             size = values.get("write_batch_size", 128)
             if size < 1:
                 problems.append(f"{where}: write_batch_size={size}: must be >= 1, e.g. 128")
-            cache = workspace.resolve(values["cache_dir"]) if values.get("cache_dir") else workspace.cache_dir / "text" / entry_id
+            cache = (_cache_path(values["cache_dir"], entry_id, "cache_dir", where, workspace, problems)
+                     if values.get("cache_dir") else workspace.cache_dir / "text" / entry_id)
             texts.append((TextEmbedsBackend(entry_id, cache, size), values.get("default", False)))
         else:
             backend = _image_backend(values, where, source, workspace, problems)

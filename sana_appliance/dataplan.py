@@ -45,7 +45,9 @@ from .resolve import Workspace
 log = logging.getLogger(__name__)
 
 CAPTION_EXTENSIONS = frozenset({".txt"})
-_DUPLICATE_SUFFIX = re.compile(r"(\s*\(\d+\)|-\d+)$")
+# The counter a file manager or browser adds to a second copy: `a red car (2).png`. A trailing
+# `-N` is never stripped: it is part of too many real names (`iphone-15`, `f-16`, `ak-47`).
+_DUPLICATE_SUFFIX = re.compile(r"\s*\(\d+\)$")
 
 
 @dataclass
@@ -95,7 +97,11 @@ class DataPlan:
 
 
 def filename_caption(path: Path) -> str:
-    """`a_red_car (2).png` -> `a red car`: underscores to spaces, duplicate counters dropped."""
+    """`a_red_car (2).png` -> `a red car`, `iphone-15.png` -> `iphone-15`.
+
+    Underscores become spaces, runs of spaces one space, and a trailing copy counter ` (N)` is
+    dropped; everything else is kept as named (SimpleTuner's current rule, plus the counter).
+    """
     text = path.stem.replace("_", " ")
     text = _DUPLICATE_SUFFIX.sub("", text.strip())
     return " ".join(text.split())

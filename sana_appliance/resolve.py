@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -19,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import presets as presets_mod
+from .configfiles import ENV_FILE_NAME, SIMPLETUNER_ENV_KEYS, Entry, Written, read_config_file, settings_from_env_file
 from .errors import ConfigError
+from .rules import EXAMPLES, check_rules, cross_field
 from .schema import (
     BUILTIN_DATASET,
     BUILTIN_MODEL,
@@ -40,10 +39,6 @@ ENV_PREFIX = "SANA_"
 ENV_ALIASES = {"OUTPUT_DIR": "output_dir", "DATALOADER_CONFIG": "data_backend_config"}
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 SECRET_NAME = re.compile(r"(token|key|secret|password)$", re.IGNORECASE)
-QUANTIZED_PRECISIONS = {
-    "nf4-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
-    "int8-torchao", "fp8-torchao", "int4-torchao",
-}
 PATH_KEYS = ("output_dir", "data_backend_config", "user_prompt_library")
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
 
@@ -110,6 +105,7 @@ class Resolved:
     credentials: Credentials
     hub: HubSettings
     warnings: tuple[str, ...] = ()
+    env_file: Path | None = None  # SimpleTuner's config.env when one was read
     build: dict = field(default_factory=dict)  # git sha / image digest when the image knows them
     worker_rank: int | None = None  # set inside a launched data-parallel worker (RANK)
     under_appliance_launcher: bool = False  # the worker's launcher is ours (it holds the output lock)
@@ -146,28 +142,37 @@ def normalize_key(raw: str) -> str:
     return raw.strip().lstrip("-").replace("-", "_").lower()
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
-    """Read a YAML or JSON config file into a flat mapping (raises ConfigError)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist: fix CONFIG_PATH / --config") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {path} must hold a mapping of key: value, found a {type(data).__name__}"
-        )
-    return data
+def _entries_to_layer(entries: Sequence[Entry], where: str, problems: list[str]) -> dict[str, Any]:
+    """{key: raw value} of one layer; a key given twice (in any spelling) is an error naming both."""
+    first: dict[str, Entry] = {}
+    layer: dict[str, Any] = {}
+    for entry in entries:
+        key = normalize_key(entry.key)
+        if key in first:
+            earlier = first[key]
+            spelled = "" if (earlier.key, earlier.line) == (entry.key, entry.line) else \
+                f": as {earlier.where()} and {entry.where()}"
+            problems.append(f"`{key}` is given twice {where}{spelled}; keep one")
+            continue
+        first[key] = entry
+        layer[key] = entry.value
+    return layer
+
+
+def _env_layer(variables: Mapping[str, str], origin: str, aliases: Mapping[str, str],
+               problems: list[str]) -> dict[str, tuple[str, Any]]:
+    """{key: (source, raw)} from environment-style variables: aliases (OUTPUT_DIR...) and SANA_<KEY>."""
+    layer: dict[str, tuple[str, Any]] = {}
+    names = [n for n in aliases if variables.get(n)] + sorted(n for n in variables if n.startswith(ENV_PREFIX))
+    for name in names:
+        key = aliases.get(name) or name[len(ENV_PREFIX):].lower()
+        source = f"{origin}:{name}"
+        if key in layer and layer[key][1] != variables[name]:
+            label = "the environment" if origin == "env" else origin
+            problems.append(f"`{key}` is given twice in {label}, as {layer[key][0].split(':', 1)[1]} and {name}, "
+                            "with different values; keep one")
+        layer[key] = (source, variables[name])
+    return layer
 
 
 # ---------------------------------------------------------------- convert
@@ -175,6 +180,9 @@ def load_config_file(path: Path) -> dict[str, Any]:
 _TRUE = {"true", "1", "yes", "on", "y"}
 _FALSE = {"false", "0", "no", "off", "n"}
 _NONE = {"", "none", "null", "~"}
+# sana_complex_human_instruction spelled as a switch: off means none, on means diffusers' default.
+_INSTRUCTION_WORDS = {**{w: "disabled" for w in ("false", "no", "off", "none", "null")},
+                      **{w: "default" for w in ("true", "yes", "on")}}
 
 
 class _Invalid(Exception):
@@ -185,6 +193,11 @@ def convert(key: str, value: Any) -> Any:
     """Convert a raw value (string from env/CLI, or native from a file) to the key's type."""
     f = field_map()[key]
     base, optional = field_type(f)
+    if isinstance(value, Written):
+        # YAML 1.1 read a plain word as another type: a text key gets the word as written (`no`, not
+        # False), a number key a decimal as written (`0500` is 500, not YAML 1.1's octal 320).
+        decimal = base in (int, float) and re.fullmatch(r"[-+]?\d[\d_]*(\.\d*)?", value.text)
+        value = value.text if base is str or decimal else value.value
     if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
         if optional:
             return None
@@ -228,87 +241,6 @@ def convert(key: str, value: Any) -> Any:
     raise AssertionError(f"unhandled type {base} for {key}")
 
 
-# ---------------------------------------------------------------- validate
-
-
-def _check_rules(key: str, value: Any) -> str | None:
-    meta = field_map()[key].metadata
-    if value is None:
-        return None
-    if "choices" in meta and value not in meta["choices"]:
-        return f"must be one of: {', '.join(meta['choices'])}"
-    if "minimum" in meta and value < meta["minimum"]:
-        return f"must be >= {meta['minimum']}"
-    if "exclusive_minimum" in meta and value <= meta["exclusive_minimum"]:
-        return f"must be > {meta['exclusive_minimum']}"
-    if "maximum" in meta and value > meta["maximum"]:
-        return f"must be <= {meta['maximum']}"
-    return None
-
-
-_EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0"}
-
-
-def parse_resolutions(text: str) -> list[tuple[int, int]]:
-    """`1024x1024,1280x768` or `512` -> [(width, height), ...]."""
-    sizes = []
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
-        if not match:
-            raise ValueError(part)
-        width = int(match.group(1))
-        height = int(match.group(2) or width)
-        if width <= 0 or height <= 0:
-            raise ValueError(part)
-        sizes.append((width, height))
-    if not sizes:
-        raise ValueError(text)
-    return sizes
-
-
-def _cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, hub: HubSettings) -> list[str]:
-    problems = []
-
-    def say(key: str, rule: str) -> None:
-        problems.append(f"{key}={cfg[key]!r} (from {where[key]}): {rule}")
-
-    precision = str(cfg["base_model_precision"]).lower()
-    if precision in QUANTIZED_PRECISIONS:
-        say(
-            "base_model_precision",
-            "quantized weights cannot be trained in a full-rank fine-tune (model_type: full). "
-            "Use `no_change`; for the smallest memory use PRESET=lowest-vram, which trains bf16 "
-            "weights with 8-bit Lion and quantizes only the frozen text encoder "
-            "(text_encoder_1_precision: nf4-bnb).",
-        )
-    elif precision != "no_change":
-        say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
-    if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
-        say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
-    try:
-        parse_resolutions(cfg["validation_resolution"])
-    except ValueError as exc:
-        say("validation_resolution", f"cannot read {str(exc)!r}: use WxH pairs separated by commas, e.g. 1024x1024,1280x768")
-    if cfg["push_to_hub"] or cfg["push_checkpoints_to_hub"]:
-        if not cfg["hub_model_id"]:
-            key = "push_to_hub" if cfg["push_to_hub"] else "push_checkpoints_to_hub"
-            say(key, "needs hub_model_id, e.g. hub_model_id: your-name/sana-finetune")
-        if not cred.hf_token and not hub.offline:
-            key = "push_to_hub" if cfg["push_to_hub"] else "push_checkpoints_to_hub"
-            say(key, "needs a Hugging Face write token in the HF_TOKEN environment variable")
-    if cfg["report_to"] in ("wandb", "all") and not cred.wandb_api_key and hub.wandb_mode not in ("offline", "disabled"):
-        say("report_to", "wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
-    if cfg["gradient_checkpointing_interval"] > 1 and not cfg["gradient_checkpointing"]:
-        say("gradient_checkpointing_interval", "has no effect unless gradient_checkpointing: true")
-    resume = cfg["resume_from_checkpoint"]
-    if not resume.strip():
-        say("resume_from_checkpoint", "must be `latest`, `none` or a checkpoint folder")
-    return problems
-
-
 def _suggest(key: str) -> str:
     known = list(field_map()) + list(IGNORED_SIMPLETUNER_KEYS)
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -329,8 +261,21 @@ def find_config_file(workspace_root: Path) -> Path | None:
 def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path | None = None) -> Resolved:
     """Resolve the run's configuration. Pure: reads only `env`, `cli` and config files.
 
-    Precedence, lowest first: built-in defaults < preset < config file < environment < CLI.
-    Raises ConfigError listing every problem at once.
+    Precedence, lowest first: built-in defaults < preset < config file < config.env <
+    environment < CLI. Raises ConfigError listing every problem at once.
+    """
+    resolved, problems = resolve_collecting(env, cli, presets_dir)
+    if problems:
+        raise ConfigError(problems)
+    return resolved
+
+
+def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
+                       presets_dir: Path | None = None) -> tuple[Resolved, list[str]]:
+    """Like :func:`resolve`, but returns (resolved, problems) instead of raising.
+
+    Lets the CLI's preflight checks add their problems to the same single report; with
+    problems, the Resolved holds the last valid value of each key and must not be run.
     """
     problems: list[str] = []
     warnings: list[str] = []
@@ -355,15 +300,26 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
         config_path = workspace.resolve(env["CONFIG_PATH"])
     else:
         config_path = find_config_file(workspace_root)
-    file_values: dict[str, Any] = {}
+    file_entries: list[Entry] = []
     if config_path is not None:
         try:
-            file_values = load_config_file(config_path)
+            file_entries = read_config_file(config_path)
         except ConfigError as exc:
             problems.extend(exc.problems)
 
+    # SimpleTuner's config.env beside the config file (or in WORKSPACE/config): KEY=VALUE lines.
+    env_file: Path | None = (config_path.parent if config_path else workspace.config_dir) / ENV_FILE_NAME
+    env_file_values: dict[str, str] = {}
+    if env_file.is_file():
+        applies = {*ENV_ALIASES, *SIMPLETUNER_ENV_KEYS, "PRESET"}
+        env_file_values, file_problems, file_warnings = settings_from_env_file(env_file, applies, ENV_PREFIX)
+        problems.extend(file_problems)
+        warnings.extend(file_warnings)
+    else:
+        env_file = None
+
     # Which preset.
-    preset_name = cli.preset or env.get("PRESET") or None
+    preset_name = cli.preset or env.get("PRESET") or env_file_values.get("PRESET") or None
     # A workspace multidatabackend.json means the user brought data: schema defaults apply
     # (the demo preset would silently replace that data with the generated shapes).
     brought_data = (workspace.config_dir / "multidatabackend.json").is_file()
@@ -380,16 +336,10 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
     # Raw layers, lowest precedence first: (source, {key: raw value}).
     layers: list[tuple[str, dict[str, Any]]] = []
     layers.append((f"preset:{preset_name}", dict(preset_values)))
-    layers.append((f"file:{config_path}", {normalize_key(k): v for k, v in file_values.items()}))
-    env_layer: dict[str, tuple[str, Any]] = {}
-    for name, key in ENV_ALIASES.items():
-        if env.get(name):
-            env_layer[key] = (f"env:{name}", env[name])
-    for name, value in env.items():
-        if name.startswith(ENV_PREFIX):
-            key = name[len(ENV_PREFIX):].lower()
-            env_layer[key] = (f"env:{name}", value)
-    cli_layer = {normalize_key(k): v for k, v in cli.overrides}
+    layers.append((f"file:{config_path}", _entries_to_layer(file_entries, f"in {config_path}", problems)))
+    env_file_layer = _env_layer(env_file_values, "config.env", {**ENV_ALIASES, **SIMPLETUNER_ENV_KEYS}, problems)
+    env_layer = _env_layer(env, "env", ENV_ALIASES, problems)
+    cli_layer = _entries_to_layer([Entry(k, v) for k, v in cli.overrides], "on the command line", problems)
 
     known = field_map()
     values: dict[str, Any] = defaults()
@@ -418,8 +368,9 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
         try:
             value = convert(key, raw)
         except _Invalid as exc:
-            shown = "<redacted>" if SECRET_NAME.search(source) else repr(raw)
-            example = _EXAMPLES.get(key)
+            written = raw.text if isinstance(raw, Written) else raw
+            shown = "<redacted>" if SECRET_NAME.search(source) else repr(written)
+            example = EXAMPLES.get(key)
             hint = f", e.g. {example}" if example and "e.g." not in str(exc) else ""
             problems.append(f"{key}={shown} (from {source}): {exc}{hint}")
             return
@@ -433,6 +384,8 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
                 return
             warnings.append(f"optimizer={value!r} (from {source}) is SimpleTuner's name for {alias!r}")
             value = alias
+        if key == "sana_complex_human_instruction" and value.strip().lower() in _INSTRUCTION_WORDS:
+            value = _INSTRUCTION_WORDS[value.strip().lower()]  # `false` / `no` mean no instruction, not the text "no"
         if key == "model_type" and value != "full":
             problems.append(
                 f"model_type={value!r} (from {source}): only full-rank fine-tuning is supported; "
@@ -450,21 +403,19 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
             )
         for key, raw in layer.items():
             apply(key, raw, source)
-    for key, (source, raw) in env_layer.items():
+    for key, (source, raw) in (*env_file_layer.items(), *env_layer.items()):
         apply(key, raw, source)
     for key, raw in cli_layer.items():
         apply(key, raw, "cli")
 
     # Single-key rules.
     for key, value in values.items():
-        rule = _check_rules(key, value)
+        rule = check_rules(key, value)
         if rule:
-            example = f", e.g. {_EXAMPLES[key]}" if key in _EXAMPLES else ""
+            example = f", e.g. {EXAMPLES[key]}" if key in EXAMPLES else ""
             problems.append(f"{key}={value!r} (from {where[key]}): {rule}{example}")
-    if not problems:
-        problems.extend(_cross_field(values, where, credentials, hub))
-    if problems:
-        raise ConfigError(problems)
+    # Cross-field rules run even after single-key errors, so one report lists everything.
+    problems.extend(cross_field(values, where, credentials, hub))
 
     # Complete: defaults found in the workspace, then absolute paths.
     if values["data_backend_config"] is None:
@@ -486,8 +437,16 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
             "data_backend_config is the demo's generated dataset while training a real model: "
             "set DATALOADER_CONFIG to your multidatabackend.json"
         )
+    workspace_data = workspace.config_dir / "multidatabackend.json"
+    if values["data_backend_config"] == BUILTIN_DATASET and workspace_data.is_file():
+        # PRESET=demo wins over the workspace's file by precedence; say so rather than ignore it silently.
+        warnings.append(
+            f"data_backend_config={BUILTIN_DATASET} (from {where['data_backend_config']}): this run trains on the "
+            f"demo's generated shapes, not on {workspace_data}; to train on that file set "
+            f"DATALOADER_CONFIG={workspace_data}"
+        )
 
-    return Resolved(
+    resolved = Resolved(
         config=TrainConfig(**values),
         provenance=where,
         preset=preset_name,
@@ -501,4 +460,6 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
         under_appliance_launcher=bool(env.get("APPLIANCE_LAUNCHER_PID")),
         build={"git_sha": env.get("APPLIANCE_GIT_SHA") or None, "image": env.get("APPLIANCE_IMAGE") or None,
                "image_digest": env.get("APPLIANCE_IMAGE_DIGEST") or None},
+        env_file=env_file,
     )
+    return resolved, problems

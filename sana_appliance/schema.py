@@ -99,7 +99,9 @@ class TrainConfig:
         "demo's generated dataset. Env alias: DATALOADER_CONFIG.",
     )
     user_prompt_library: str | None = _opt(
-        None, "JSON file of extra validation prompts: {\"nickname\": \"prompt\", ...}."
+        None,
+        "JSON file of extra validation prompts: {\"nickname\": \"prompt\", ...}. Read before training "
+        "starts; nicknames that would share a file name get _2, _3... (reported).",
     )
 
     # --- schedule ------------------------------------------------------------
@@ -203,7 +205,8 @@ class TrainConfig:
     )
     validation_negative_prompt: str = _opt("", "Negative prompt used with guidance.")
     validation_resolution: str = _opt(
-        "1024x1024", "Comma-separated WxH (or a single N for NxN), e.g. `1024x1024,1280x768`."
+        "1024x1024",
+        "Comma-separated WxH (or a single N for NxN), e.g. `1024x1024,1280x768`; sides are multiples of 32.",
     )
     validation_guidance: float = _opt(4.5, "Classifier-free guidance scale.", minimum=0.0)
     validation_num_inference_steps: int = _opt(20, "Sampler steps per image.", minimum=1)
@@ -217,7 +220,9 @@ class TrainConfig:
     tracker_project_name: str = _opt("sana-appliance", "wandb project name.")
     tracker_run_name: str | None = _opt(None, "Tracker run name (default: derived).")
     logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.", minimum=1)
-    push_to_hub: bool = _opt(False, "Upload the final model to the Hugging Face Hub (needs HF_TOKEN).")
+    push_to_hub: bool = _opt(
+        False, "Upload the final model to the Hugging Face Hub (needs HF_TOKEN and hub_model_id; refused with HF_HUB_OFFLINE)."
+    )
     push_checkpoints_to_hub: bool = _opt(
         False, "Also upload each checkpoint to the Hub repo, under checkpoints/."
     )

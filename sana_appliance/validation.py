@@ -9,16 +9,14 @@ training RNG streams are untouched.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
-from .resolve import parse_resolutions
+from .prompts import load_prompt_set
+from .rules import parse_resolutions
 
 log = logging.getLogger("sana_appliance.validation")
 
@@ -32,24 +30,9 @@ class PromptEmbeds:
 
 
 def load_prompts(cfg) -> dict[str, str]:
-    """nickname -> prompt: validation_prompt (as `validation`) plus user_prompt_library."""
-    prompts: dict[str, str] = {}
-    if cfg.validation_prompt:
-        prompts["validation"] = cfg.validation_prompt
-    if cfg.user_prompt_library:
-        path = Path(cfg.user_prompt_library)
-        try:
-            library = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"user_prompt_library={str(path)!r}: file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"user_prompt_library={str(path)!r}: not valid JSON ({exc}); expected {{\"nickname\": \"prompt\"}}") from None
-        if not isinstance(library, dict) or not all(isinstance(v, str) for v in library.values()):
-            raise ConfigError(f"user_prompt_library={str(path)!r}: must be a JSON object of nickname -> prompt text")
-        for nickname, prompt in library.items():
-            safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", nickname).strip("_") or "prompt"
-            prompts[safe] = prompt
-    return prompts
+    """nickname -> prompt: validation_prompt (as `validation`) plus user_prompt_library, every
+    nickname a unique file name (see :mod:`sana_appliance.prompts`; the CLI reported renames)."""
+    return load_prompt_set(cfg).prompts
 
 
 def image_name(step: int, nickname: str, width: int, height: int) -> str:

@@ -1,6 +1,6 @@
 """Config resolution: precedence, provenance, conversion, every error path, presets, CLI.
 
-Run: pytest tests/test_config.py  (no model, ~3 s)
+Run: pytest tests/test_config.py  (no model, ~5 s; subprocess tests make it longer on a busy machine)
 """
 
 from __future__ import annotations
@@ -333,3 +333,130 @@ def test_multi_gpu_preset_launches_one_process_per_gpu(tmp_path):
     from sana_appliance.launch import process_count
 
     assert process_count(0) >= 1 and process_count(3) == 3
+
+
+# ---------------------------------------------------------------- config files read as written
+
+
+def test_key_given_twice_is_an_error_naming_both_spellings(tmp_path):
+    cases = [
+        ("c.json", json.dumps({"--learning_rate": 1e-5, "learning_rate": 2e-5}), ("`--learning_rate`", "`learning_rate`")),
+        ("c.yaml", "max-train-steps: 5\nseed: 1\nmax_train_steps: 6\n",
+         ("`max-train-steps` (line 1)", "`max_train_steps` (line 3)")),
+        ("d.yaml", "seed: 1\nseed: 2\n", ("`seed` (line 1)", "`seed` (line 2)")),
+        ("d.json", '{"seed": 1, "seed": 2}', ("`seed` is given twice",)),
+    ]
+    for name, text, needles in cases:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+        assert all(n in problems_of(exc) for n in needles), (name, problems_of(exc))
+        assert "keep one" in problems_of(exc)
+    from sana_appliance.cli import parse_args
+
+    _, cli = parse_args(["config", "--max-train-steps=3", "--set", "max_train_steps=4"])
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24g"), cli)
+    assert "`max_train_steps` is given twice on the command line" in problems_of(exc)
+    assert "as `max_train_steps` and `max-train-steps`" in problems_of(exc)  # --set pairs come first
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24g", OUTPUT_DIR="runs/a", SANA_OUTPUT_DIR="runs/b"))
+    assert "OUTPUT_DIR and SANA_OUTPUT_DIR" in problems_of(exc)
+    same = resolve(env_for(tmp_path, PRESET="24g", OUTPUT_DIR="runs/a", SANA_OUTPUT_DIR="runs/a"))
+    assert same.config.output_dir == str(tmp_path / "runs" / "a")
+
+
+def test_yaml_11_words_are_read_as_written_for_text_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "mixed_precision: no\nrevision: 0123\nvalidation_prompt: yes\ntracker_run_name: on\n"
+        "validation_negative_prompt: 'off'\nuse_ema: yes\ngradient_checkpointing: off\nhub_model_id: ~\n"
+        "sana_complex_human_instruction: off\nvalidation_steps: 0\ncheckpointing_steps: 0500\nseed: 1_000\n")
+    c = resolve(env_for(tmp_path, PRESET="24g", CONFIG_PATH=str(path))).config
+    assert c.mixed_precision == "no" and c.revision == "0123"
+    assert (c.validation_prompt, c.tracker_run_name, c.validation_negative_prompt) == ("yes", "on", "off")
+    assert c.use_ema is True and c.gradient_checkpointing is False and c.hub_model_id is None
+    assert c.sana_complex_human_instruction == "disabled"  # a switch word, not the instruction text "off"
+    assert c.checkpointing_steps == 500 and c.seed == 1000  # decimal as written, not YAML 1.1's octal
+    path.write_text("mixed_precision: fp8\nlearning_rate: no\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert "learning_rate='no'" in problems_of(exc)  # the word the user wrote, not False
+
+
+def test_simpletuner_config_env_is_read_as_key_value_lines(tmp_path):
+    folder = tmp_path / "st"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"--learning_rate": 1e-5, "--seed": 3}))
+    (folder / "config.env").write_text(
+        "# SimpleTuner launcher settings\nTRAINING_NUM_PROCESSES=2\nTRAINING_NUM_MACHINES=1\n"
+        "export TRAINING_DYNAMO_BACKEND='inductor'\nCONFIG_BACKEND=json\nSANA_LEARNING_RATE=\"3e-5\"  # faster\n"
+        "SANA_SEED=4\nPRESET=24g\nNCCL_P2P_DISABLE=1\n")
+    env = env_for(tmp_path, CONFIG_PATH=str(folder / "config.json"), SANA_SEED="5")
+    r = resolve(env)
+    assert r.env_file == folder / "config.env" and r.preset == "24g"
+    assert (r.config.num_processes, r.provenance["num_processes"]) == (2, "config.env:TRAINING_NUM_PROCESSES")
+    assert (r.config.learning_rate, r.provenance["learning_rate"]) == (3e-5, "config.env:SANA_LEARNING_RATE")
+    assert (r.config.seed, r.provenance["seed"]) == (5, "env:SANA_SEED")  # the real environment wins
+    text = "\n".join(r.warnings)
+    assert "TRAINING_DYNAMO_BACKEND has no effect" in text and "CONFIG_BACKEND has no effect" in text
+    assert "NCCL_P2P_DISABLE is not applied" in text and "TRAINING_NUM_MACHINES" not in text
+
+
+def test_config_env_refuses_what_it_cannot_honour(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.env").write_text(
+        "HF_TOKEN=hf_plantedInEnvFile123\nHF_HUB_OFFLINE=1\nsource ./more.sh\nSANA_SEED=$SEED\n"
+        "TRAINING_NUM_MACHINES=2\nSANA_SEED=7\n")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24g"))
+    text = str(exc.value)
+    for needle in ("line 1: HF_TOKEN: secrets are never read", "line 2: HF_HUB_OFFLINE: set HF_HUB_OFFLINE in the",
+                   "line 3 is not a KEY=VALUE line", "line 4: SANA_SEED: the value uses shell expansion",
+                   "line 5: TRAINING_NUM_MACHINES='2'", "line 6: SANA_SEED is given twice"):
+        assert needle in text, needle
+    assert "hf_plantedInEnvFile123" not in text
+
+
+def test_validation_resolution_sides_are_multiples_of_32_with_the_nearest_suggested(tmp_path):
+    cases = {"1000": "e.g. 992 or 1024", "1000x600,512": "e.g. 992x608,512", "16": "e.g. 32"}
+    for value, suggestion in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            resolve(env_for(tmp_path, PRESET="24g", SANA_VALIDATION_RESOLUTION=value))
+        assert f"validation_resolution='{value}' (from env:SANA_VALIDATION_RESOLUTION): sides must be multiples " \
+               f"of 32, {suggestion}" in problems_of(exc)
+    assert resolve(env_for(tmp_path, PRESET="24g", SANA_VALIDATION_RESOLUTION="1024x1024,1280x768,512"))
+
+
+def test_push_to_hub_is_refused_offline(tmp_path):
+    env = env_for(tmp_path, PRESET="24g", SANA_PUSH_TO_HUB="true", SANA_HUB_MODEL_ID="me/x", HF_TOKEN="hf_x",
+                  HF_HUB_OFFLINE="1")
+    with pytest.raises(ConfigError) as exc:
+        resolve(env)
+    assert "push_to_hub=True (from env:SANA_PUSH_TO_HUB): cannot upload while HF_HUB_OFFLINE is set" in problems_of(exc)
+    del env["HF_HUB_OFFLINE"]
+    assert resolve(env).config.push_to_hub is True
+
+
+def test_cross_field_rules_run_even_with_single_key_errors(tmp_path):
+    with pytest.raises(ConfigError) as exc:
+        resolve(env_for(tmp_path, PRESET="24g", SANA_LEARNING_RATE="abc", SANA_PUSH_TO_HUB="true",
+                        SANA_VALIDATION_RESOLUTION="1000"))
+    text = problems_of(exc)
+    assert "SANA_LEARNING_RATE" in text and "needs hub_model_id" in text and "multiples of 32" in text
+
+
+def test_demo_preset_with_workspace_dataloader_config_says_which_it_uses(tmp_path, caplog):
+    (tmp_path / "config").mkdir()
+    mine = tmp_path / "config" / "multidatabackend.json"
+    mine.write_text("[]")
+    r = resolve(env_for(tmp_path, PRESET="demo"))
+    assert r.config.data_backend_config == "builtin:demo-shapes"
+    [warning] = [w for w in r.warnings if str(mine) in w]
+    assert "builtin:demo-shapes (from preset:demo)" in warning and "DATALOADER_CONFIG" in warning
+    from sana_appliance.cli import _log_config_summary
+
+    with caplog.at_level("INFO", logger="sana_appliance"):
+        _log_config_summary(resolve(env_for(tmp_path, PRESET="24g")))
+    assert f"dataset config: {mine}  [default (found in workspace)]" in caplog.text

@@ -222,6 +222,34 @@ def test_huggingface_backend_parses_to_download_folder(tmp_path):
     assert b.instance_data_dir == w.datasets_dir / "user--pics"
 
 
+def test_simpletuner_cache_path_placeholders_are_filled_or_refused(tmp_path):
+    w = ws(tmp_path)
+    cfg = write_config(tmp_path / "mdb.json", [
+        {"id": "subject", "instance_data_dir": "datasets/s", "cache_dir_vae": "cache/vae/{model_family}/{id}"},
+        {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/text/{model_family}"},
+    ])
+    [b], text = load_data_config(str(cfg), w)
+    assert b.cache_dir_vae == w.root / "cache/vae/sana/subject" and text.cache_dir == w.root / "cache/text/sana"
+    write_config(cfg, [{"id": "s", "instance_data_dir": "d", "cache_dir_vae": "{output_dir}/vae/{model_family}"},
+                       {"id": "t", "dataset_type": "text_embeds", "cache_dir": "c/{modelfamily}"}])
+    with pytest.raises(ConfigError) as info:
+        load_data_config(str(cfg), w)
+    problems = "\n".join(info.value.problems)
+    assert "dataset `s`: cache_dir_vae='{output_dir}/vae/{model_family}': unknown placeholder {output_dir}" in problems
+    assert "dataset `t`: cache_dir='c/{modelfamily}': unknown placeholder {modelfamily}" in problems
+    assert "write the rest of the path out" in problems
+
+
+def test_filename_captions_keep_trailing_digits():
+    """Only a copy counter ` (N)` is dropped; a trailing `-N` is part of the name."""
+    from sana_appliance.dataplan import filename_caption
+
+    cases = {"iphone-15.png": "iphone-15", "ak-47.png": "ak-47", "route_66-2.png": "route 66-2",
+             "f-16_over_the_sea.jpg": "f-16 over the sea", "a_red_car (2).png": "a red car",
+             "a_red_car(12).png": "a red car"}
+    assert {name: filename_caption(Path(name)) for name in cases} == cases
+
+
 # ---------------------------------------------------------------- bad input
 
 
