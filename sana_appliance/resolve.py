@@ -87,6 +87,7 @@ class Credentials:
 
     hf_token: str | None = field(default=None, repr=False)
     wandb_api_key: str | None = field(default=None, repr=False)
+    hf_token_source: str | None = None  # which variable held the token (HF_TOKEN or HUGGING_FACE_HUB_TOKEN), for messages
 
     def values(self) -> list[str]:
         return [v for v in (self.hf_token, self.wandb_api_key) if v]
@@ -97,6 +98,7 @@ class HubSettings:
     endpoint: str | None = None
     offline: bool = False
     wandb_mode: str | None = None
+    retry_window_s: float = 300.0  # hub_retry_window_s, filled in once the config is resolved
 
 
 @dataclass(frozen=True)
@@ -245,7 +247,7 @@ def _check_rules(key: str, value: Any) -> str | None:
     return None
 
 
-_EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0"}
+_EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0", "hub_retry_window_s": "300"}
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:
@@ -340,6 +342,7 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
     credentials = Credentials(
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
         wandb_api_key=env.get("WANDB_API_KEY") or None,
+        hf_token_source="HF_TOKEN" if env.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN" if env.get("HUGGING_FACE_HUB_TOKEN") else None,
     )
     hub = HubSettings(
         endpoint=env.get("HF_ENDPOINT") or None,
@@ -494,7 +497,7 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
         config_path=config_path,
         workspace=workspace,
         credentials=credentials,
-        hub=hub,
+        hub=dataclasses.replace(hub, retry_window_s=float(values["hub_retry_window_s"])),
         warnings=tuple(warnings),
         worker_rank=int(env["RANK"]) if env.get("RANK", "").isdigit() and env.get("WORLD_SIZE") else None,
         build={"git_sha": env.get("APPLIANCE_GIT_SHA") or None, "image": env.get("APPLIANCE_IMAGE") or None,
