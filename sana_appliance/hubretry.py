@@ -217,7 +217,7 @@ def call_with_retries(
         exc = state.outcome.exception() if state.outcome else None
         failure = classify(exc, secrets) if exc is not None else Failure("other", None, "unknown error")
         sleep_s = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s failed (attempt %d, %.0f s of the %.0f s retry window): %s; retrying in %.1f s",
+        log.warning("%s failed (attempt %d, %.1f s into the %g s retry window): %s; retrying in %.1f s",
                     what, state.attempt_number, time.monotonic() - start, policy.window_s, failure.detail, sleep_s)
 
     retrying = tenacity.Retrying(

@@ -61,7 +61,8 @@ class FakeRepo:
 class Fault:
     method: str
     path_contains: str
-    action: int | str  # an HTTP status, "drop" (close without answering) or "delay:<seconds>"
+    action: int | str  # an HTTP status, "drop" (close without answering), "delay:<seconds>" (then answer)
+    # or "hang:<seconds>" (say nothing for that long, then close without answering)
     remaining: int
 
 
@@ -134,6 +135,10 @@ class FakeHub:
         """The next `times` requests whose path contains `path_contains` get `action` instead."""
         with self._lock:
             self._faults.append(Fault(method, path_contains, action, times))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
 
     def hits(self, method: str | None = None, contains: str = "") -> int:
         with self._lock:
@@ -224,6 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
         action = self.hub._record(method, path, self.headers.get("Authorization"))
         if isinstance(action, str) and action.startswith("delay:"):
             time.sleep(float(action.split(":", 1)[1]))
+        elif isinstance(action, str) and action.startswith("hang:"):
+            time.sleep(float(action.split(":", 1)[1]))
+            self.close_connection = True
+            return
         elif action == "drop":
             self.close_connection = True  # answer nothing: the client sees the connection cut
             return
@@ -234,6 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._write(method, raw_path, body)
 
         parts = raw_path.strip("/").split("/")
+        if parts[:1] == ["api"] and len(parts) == 4 and parts[1] in ("models", "datasets"):
+            return self._repo_info(parts[1][:-1], f"{unquote(parts[2])}/{unquote(parts[3])}", "main")
         if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
             repo_type = parts[1][:-1]
             repo_id = f"{unquote(parts[2])}/{unquote(parts[3])}"
