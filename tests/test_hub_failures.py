@@ -180,7 +180,8 @@ def test_upload_lands_every_file_through_transient_faults(hub, tmp_path, no_xet)
     hub.fail("POST", "/api/repos/create", 503)  # our retry
     hub.fail("POST", "/api/repos/create", "drop")
     hub.fail("POST", "/commit/", 502)  # after the LFS upload: the whole push is tried again
-    sha = upload.push_folder(folder, REPO_ID, resolved_for(tmp_path, hub.url))
+    # A roomy window: this test is about what is retried, not when retrying stops.
+    sha = upload.push_folder(folder, REPO_ID, resolved_for(tmp_path, hub.url, SANA_HUB_RETRY_WINDOW_S="20"))
     repo = hub.repos[("model", REPO_ID)]
     assert repo.files == files_of(folder) and sha == repo.sha and len(repo.commits) == 1
     assert hub.hits("PUT", "/lfs-objects/") == 1  # the weights went through LFS once, not again on the retry
@@ -380,4 +381,20 @@ def test_upload_killed_midway_sends_only_what_is_missing_on_restart(finished_cop
     assert hub.hits("PUT", "/lfs-objects/") == puts  # nothing was sent twice
     repo = hub.repos[("model", REPO_ID)]
     assert repo.files == files_of(output / "final") and len(repo.commits) == 1
+    assert marker(output)["upload"]["status"] == "uploaded"
+
+
+def test_incomplete_export_is_redone_from_the_last_checkpoint_before_uploading(finished_copy, shared_workspace, hub):
+    output = finished_copy
+    weights = output / "final" / "transformer" / "diffusion_pytorch_model.safetensors"
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])  # e.g. a volume that filled up while copying
+    checkpoints = sorted(p.name for p in (output / "checkpoints").iterdir())
+    result = run_cli(hub_env(shared_workspace, output, hub.url))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "export is incomplete" in result.stderr and "truncated" in result.stderr
+    assert "resumed from checkpoint-16" in result.stderr  # no training step was run again
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == checkpoints
+    assert weights.read_bytes() == intact  # the same weights, exported again
+    assert hub.repos[("model", REPO_ID)].files == files_of(output / "final")
     assert marker(output)["upload"]["status"] == "uploaded"
