@@ -473,6 +473,13 @@ def train(resolved: Resolved) -> None:
             # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
             log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
                      "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
+            pushed = record.get("upload")
+            if isinstance(pushed, dict) and pushed.get("status") == "uploaded":
+                log.info("final/ is on the Hub: %s at %s (commit %s)", pushed.get("repo"), pushed.get("endpoint"),
+                         pushed.get("commit"))
+            elif isinstance(pushed, dict):
+                log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
+                            pushed.get("status"))
             return
         problems = upload.check_final(output_dir / "final")
         if not problems:

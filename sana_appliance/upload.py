@@ -33,7 +33,9 @@ def _endpoint(resolved) -> str:
 
 def is_done(resolved, record: dict | None) -> bool:
     """Whether the completion marker's upload record covers this config (same repo, same Hub)."""
-    return bool(record) and record.get("status") == "uploaded" and record.get("repo") == resolved.config.hub_model_id \
+    if not isinstance(record, dict):  # null (push_to_hub was off) or a marker edited by hand
+        return False
+    return record.get("status") == "uploaded" and record.get("repo") == resolved.config.hub_model_id \
         and record.get("endpoint") == _endpoint(resolved)
 
 

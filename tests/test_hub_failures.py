@@ -2,8 +2,8 @@
 which are retried and for how long, what a person is told, and that a finished run uploads what is
 missing without retraining. Nothing leaves 127.0.0.1: no DNS test runs (see test_dns_failure_...).
 
-Run: OMP_NUM_THREADS=1 pytest tests/test_hub_failures.py -q   (~1.5 minutes on 2 cores, most of it the
-shared short demo run and the CLI start-ups)
+Run: OMP_NUM_THREADS=1 pytest tests/test_hub_failures.py -q   (~3.5 minutes on 2 busy cores: the shared
+short demo run, a 2-step run, one re-export and a dozen CLI start-ups; the in-process tests take seconds)
 """
 
 from __future__ import annotations
@@ -305,6 +305,7 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
     requests = len(hub.requests)
     again = run_cli(hub_env(shared_workspace, output, hub.url))
     assert again.returncode == 0 and "already finished at step 16" in again.stderr
+    assert f"final/ is on the Hub: {REPO_ID} at {hub.url} (commit {repo.sha})" in again.stderr
     assert len(hub.requests) == requests
 
 
