@@ -6,9 +6,10 @@ plus three things it does not give us:
 * Pinning: a branch or tag is resolved to a commit sha once, and exactly that sha is
   downloaded and recorded, so a run can say which weights it trained from even if the
   branch moves mid-download or between ranks.
-* Bounded retries with backoff (tenacity) around the resolve and the download, with
-  each retry logged. huggingface_hub retries some calls internally and swallows others
-  into a "not in the local cache" error; we look through the cause chain to decide.
+* Retries of transient failures for `hub_retry_window_s` around the resolve and the
+  download, each retry logged: the rule shared with uploads (hubretry.py), which looks
+  through the cause chain because huggingface_hub swallows some network errors into a
+  "not in the local cache" error.
 * Errors a user can act on: gated/private repos, typos in repo ids or revisions, an
   empty offline cache. The HF token never appears in a message or log line.
 
@@ -30,20 +31,18 @@ from typing import TypeVar
 
 import filelock
 import httpx2
-import tenacity
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
-    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 from huggingface_hub.utils import validate_repo_id
 
+from . import hubretry
 from .errors import AssetError
 from .fsutil import atomic_open
 from .resolve import Credentials, HubSettings, Workspace
@@ -51,11 +50,10 @@ from .resolve import Credentials, HubSettings, Workspace
 LOG = logging.getLogger("sana_appliance.assets")
 
 LIBRARY_NAME = "sana-appliance"
-DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_ENDPOINT = hubretry.DEFAULT_ENDPOINT
 EXAMPLE_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
 # The components a SanaPipeline is assembled from; each is a subfolder of the pipeline folder.
 SANA_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 _OWNER_NAME = re.compile(r"^[^/\s]+/[^/\s]+$")
 
@@ -82,6 +80,7 @@ class _Target:
     revision: str
     endpoint: str
     has_token: bool
+    token_source: str | None = None  # the environment variable the token came from
     looked_for: Path | None = None  # the local folder a model spec could also have meant
 
     def web_url(self, endpoint: str) -> str:
@@ -101,19 +100,14 @@ def fetch_model(
     workspace: Workspace,
     hub: HubSettings,
     credentials: Credentials,
-    *,
-    max_attempts: int = 5,
-    wait_s: float = 2.0,
-    max_wait_s: float = 60.0,
 ) -> ModelSource:
     """Find or download the base model named by `spec` (pretrained_model_name_or_path).
 
     `spec` is an existing folder (absolute, or relative to the workspace root) or a Hub
     repo id `owner/name`. Hub models go to the HF cache at `workspace.hf_home/hub`.
-    `wait_s`/`max_wait_s` shape the exponential backoff between the `max_attempts` tries.
+    Transient Hub failures are retried for `hub.retry_window_s` seconds.
     Raises AssetError (exit code 3) with the fix.
     """
-    assert max_attempts >= 1, max_attempts
     folder = _existing_local_folder(spec, workspace)
     if folder is not None:
         _check_pipeline_folder(folder, f"local model folder {folder}")
@@ -126,7 +120,7 @@ def fetch_model(
         sha, path = _from_cache(target, cache_dir=cache_dir, local_dir=None)
     else:
         with _download_lock(workspace.hf_home / "sana-appliance" / "locks", target):
-            sha, path = _download(target, cache_dir, None, credentials, max_attempts, wait_s, max_wait_s)
+            sha, path = _download(target, cache_dir, None, credentials, hub)
     _check_pipeline_folder(path, f"{target} at commit {sha}")
     return ModelSource(path=path, kind="hub", repo_id=spec, revision=target.revision, commit_sha=sha)
 
@@ -137,10 +131,6 @@ def fetch_dataset(
     dest: Path,
     hub: HubSettings,
     credentials: Credentials,
-    *,
-    max_attempts: int = 5,
-    wait_s: float = 2.0,
-    max_wait_s: float = 60.0,
 ) -> tuple[Path, str]:
     """Download a Hub *dataset* repo at `revision` into the folder `dest`; returns (dest, commit sha).
 
@@ -148,7 +138,6 @@ def fetch_dataset(
     (per-file metadata, the tree listing, the revision -> sha ref) in `dest/.cache/huggingface`,
     so a later call with `hub.offline` finds the same sha without the network.
     """
-    assert max_attempts >= 1, max_attempts
     _check_repo_id(repo_id, what="dataset repo", workspace=None)
     target = _target(repo_id, "dataset", revision, hub, credentials)
     dest = Path(dest).expanduser().absolute()
@@ -157,7 +146,7 @@ def fetch_dataset(
         sha, path = _from_cache(target, cache_dir=cache_dir, local_dir=dest)
         return path, sha
     with _download_lock(dest / ".cache" / "huggingface" / "sana-appliance-locks", target):
-        sha, path = _download(target, cache_dir, dest, credentials, max_attempts, wait_s, max_wait_s)
+        sha, path = _download(target, cache_dir, dest, credentials, hub)
     return path, sha
 
 
@@ -268,6 +257,7 @@ def _target(
         revision=(revision or "main").strip(),
         endpoint=(hub.endpoint or DEFAULT_ENDPOINT).rstrip("/"),
         has_token=bool(credentials.hf_token),
+        token_source=credentials.hf_token_source,
     )
 
 
@@ -304,16 +294,16 @@ def _download(
     cache_dir: Path,
     local_dir: Path | None,
     credentials: Credentials,
-    max_attempts: int,
-    wait_s: float,
-    max_wait_s: float,
+    hub: HubSettings,
 ) -> tuple[str, Path]:
     """Resolve the revision to a sha, then download exactly that sha. Each step retried on its own."""
     token = _token(credentials)
     api = HfApi(endpoint=target.endpoint, token=token, library_name=LIBRARY_NAME)
 
     def resolve() -> str:
-        info = api.repo_info(target.repo_id, repo_type=target.repo_type, revision=target.revision, token=token)
+        # repo_info has no timeout unless given one: a Hub that never answers would hang the run.
+        info = api.repo_info(target.repo_id, repo_type=target.repo_type, revision=target.revision, token=token,
+                             timeout=hubretry.request_timeout())
         if not info.sha:
             raise AssetError(
                 f"{target}: {target.endpoint} answered without a commit sha; check that HF_ENDPOINT points at a "
@@ -334,10 +324,10 @@ def _download(
         )
         return Path(folder)
 
-    retry = dict(max_attempts=max_attempts, wait_s=wait_s, max_wait_s=max_wait_s, credentials=credentials)
-    sha = _with_retries(resolve, f"resolve {target}", target, cache_dir, **retry)
+    policy = hubretry.RetryPolicy(hub.retry_window_s)
+    sha = _with_retries(resolve, f"resolve {target}", target, cache_dir, policy, credentials)
     LOG.info("%s is commit %s; downloading it", target, sha)
-    path = _with_retries(download, f"download {target} at commit {sha}", target, cache_dir, **retry)
+    path = _with_retries(download, f"download {target} at commit {sha}", target, cache_dir, policy, credentials)
     if target.revision != sha:
         _write_ref(cache_dir, target, sha)
     return sha, path
@@ -406,116 +396,25 @@ def _from_cache(target: _Target, *, cache_dir: Path, local_dir: Path | None) -> 
 
 
 def _with_retries(
-    call: Callable[[], T],
-    what: str,
-    target: _Target,
-    cache_dir: Path,
-    *,
-    max_attempts: int,
-    wait_s: float,
-    max_wait_s: float,
+    call: Callable[[], T], what: str, target: _Target, cache_dir: Path, policy: hubretry.RetryPolicy,
     credentials: Credentials,
 ) -> T:
-    """Run `call`, retrying transient Hub failures with exponential backoff and jitter."""
+    """Run `call` under the shared Hub retry rule; turn a final failure into an AssetError."""
     secrets = credentials.values()
-
-    def log_retry(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        sleep_s = state.next_action.sleep if state.next_action else 0.0
-        LOG.warning(
-            "%s failed (attempt %d of %d): %s; retrying in %.1f s",
-            what, state.attempt_number, max_attempts, _describe(exc, secrets), sleep_s,
-        )
-
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(max_attempts),
-        # wait_s, 2*wait_s, 4*wait_s ... up to max_wait_s, plus up to wait_s of jitter so that ranks
-        # or many appliances hitting a struggling Hub do not retry in lockstep.
-        wait=tenacity.wait_exponential(multiplier=wait_s, max=max_wait_s) + tenacity.wait_random(0, wait_s),
-        retry=tenacity.retry_if_exception(_is_transient),
-        before_sleep=log_retry,
-        reraise=True,
-    )
-    attempts = 0
-
-    def counted() -> T:
-        nonlocal attempts
-        attempts += 1
-        return call()
-
+    hubretry.ensure_request_timeouts()
     try:
-        return retrying(counted)
-    except AssetError:
-        raise
-    except (httpx2.HTTPError, OSError, ValueError) as exc:
-        raise _asset_error(exc, what, target, cache_dir, attempts, secrets) from None
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """The exception and everything it was raised from: huggingface_hub often wraps a network
-    error or an HTTP 5xx in a LocalEntryNotFoundError ("not in the cache") raised `from` it."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None) if isinstance(exc, HfHubHTTPError) else None
-    return getattr(response, "status_code", None)
-
-
-def _is_permanent(exc: BaseException) -> bool:
-    if isinstance(exc, (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError, OfflineModeIsEnabled)):
-        return not isinstance(exc, LocalEntryNotFoundError)
-    if isinstance(exc, httpx2.ProxyError):
-        return True
-    status = _status(exc)
-    return status is not None and 400 <= status < 500 and status not in TRANSIENT_STATUS
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """Worth another try: connection problems, timeouts, HTTP 408/429/5xx, truncated downloads."""
-    chain = list(_causes(exc))
-    if any(_is_permanent(link) for link in chain):
-        return False
-    for link in chain:
-        if isinstance(link, httpx2.TransportError):
-            return True
-        if _status(link) in TRANSIENT_STATUS:
-            return True
-        # huggingface_hub's size check after a cut-off transfer ("usually due to network issues").
-        if isinstance(link, OSError) and str(link).startswith("Consistency check failed"):
-            return True
-    return False
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "<redacted>")
-    return text
-
-
-def _describe(exc: BaseException | None, secrets: list[str]) -> str:
-    """One line about an error, for logs and messages (huggingface_hub's own messages span lines)."""
-    if exc is None:
-        return "unknown error"
-    status = _status(exc)
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    head = lines[0] if lines else ""
-    if status is not None and str(status) not in head:
-        head = f"HTTP {status} {head}".strip()
-    return _redact(f"{type(exc).__name__}: {head}" if head else type(exc).__name__, secrets)
+        return hubretry.call_with_retries(call, what=what, policy=policy, secrets=secrets, log=LOG)
+    except hubretry.HubUnavailable as gave_up:
+        raise _asset_error(gave_up, what, target, cache_dir) from None
 
 
 def _auth_advice(target: _Target) -> str:
     # Licenses are accepted on huggingface.co itself, also when HF_ENDPOINT names a mirror.
     license_step = f"open {target.web_url(DEFAULT_ENDPOINT)} while logged in and accept its license / request access"
     if target.has_token:
+        name = hubretry.token_name(target.token_source)
         return (
-            f"HF_TOKEN is set but the Hub refused it for this repo: {license_step} with the account that owns "
+            f"{name} is set but the Hub refused it for this repo: {license_step} with the account that owns "
             "the token, and check that the token has read access (fine-grained tokens need the repo or "
             "'public gated repos' read permission)"
         )
@@ -525,12 +424,12 @@ def _auth_advice(target: _Target) -> str:
     )
 
 
-def _asset_error(
-    exc: BaseException, what: str, target: _Target, cache_dir: Path, attempts: int, secrets: list[str]
-) -> AssetError:
+def _asset_error(gave_up: hubretry.HubUnavailable, what: str, target: _Target, cache_dir: Path) -> AssetError:
     """Turn a huggingface_hub / network failure into a message that says what to do."""
-    chain = list(_causes(exc))
-    detail = _describe(exc, secrets)
+    exc = gave_up.__cause__ or gave_up
+    failure = gave_up.failure
+    chain = list(hubretry.causes(exc))
+    detail = failure.detail
 
     def first(kind: type) -> BaseException | None:
         return next((link for link in chain if isinstance(link, kind)), None)
@@ -541,32 +440,35 @@ def _asset_error(
             f"{target.endpoint}: check the revision (a branch, tag or commit sha; e.g. main) and the repo id's "
             f"spelling at {target.web_url(target.endpoint)}"
         )
-    gated = first(GatedRepoError)
-    statuses = [s for s in (_status(link) for link in chain) if s is not None]
-    if gated is not None or (any(s in (401, 403) for s in statuses) and first(RepositoryNotFoundError) is None):
+    if failure.kind == "auth" and (first(GatedRepoError) is not None or first(RepositoryNotFoundError) is None):
         return AssetError(f"{target} is gated or private and cannot be downloaded: {_auth_advice(target)}. ({detail})")
     if first(RepositoryNotFoundError) is not None:
         hint = (
-            "if it is private, check that HF_TOKEN's account can read it"
+            f"if it is private, check that {hubretry.token_name(target.token_source)}'s account can read it"
             if target.has_token
             else "if it is private or gated, set HF_TOKEN to a token with read access"
         )
         return AssetError(
             f"{target.repo_type} repo {target.repo_id!r} was not found on {target.endpoint} "
-            f"(HTTP {statuses[0] if statuses else 404}): check the spelling of owner/name and the revision "
+            f"(HTTP {failure.status or 404}): check the spelling of owner/name and the revision "
             f"{target.revision!r}; {hint}"
             + (f". No local folder {target.looked_for} exists either" if target.looked_for else "")
         )
     if first(EntryNotFoundError) is not None and first(LocalEntryNotFoundError) is None:
         return AssetError(f"{target}: a file listed by the Hub could not be found while downloading ({detail}); try again")
-    if first(httpx2.ProxyError) is not None:
+    if failure.kind == "proxy":
         return AssetError(f"could not {what}: the HTTP proxy failed ({detail}); check HTTPS_PROXY / HTTP_PROXY")
-    if _is_transient(exc):
+    if failure.kind == "offline":
         return AssetError(
-            f"could not {what} after {attempts} attempt(s): {detail}. Check the network and HF_ENDPOINT "
-            f"({target.endpoint}); the Hub may be down, so try again later. If the files are already cached at "
-            f"{cache_dir}, set HF_HUB_OFFLINE=1 to use them without the network"
+            f"could not {what}: huggingface_hub is in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set) "
+            f"and {target} is not in the cache at {cache_dir}. Unset it to download, or mount a cache that holds it"
         )
-    if isinstance(exc, OSError) and not isinstance(exc, HfHubHTTPError) and first(httpx2.HTTPError) is None:
+    if failure.transient:
+        return AssetError(
+            f"could not {what}: {detail} ({gave_up.attempts} attempt(s) over {gave_up.elapsed_s:.0f} s). "
+            f"{hubretry.transient_advice(failure, target.endpoint)}. If the files are already cached at {cache_dir}, "
+            "set HF_HUB_OFFLINE=1 to use them without the network"
+        )
+    if isinstance(exc, OSError) and failure.status is None and first(httpx2.HTTPError) is None:
         return AssetError(f"could not {what}: cannot write to {cache_dir} ({detail}); check free space and permissions")
     return AssetError(f"could not {what}: {detail}")

@@ -58,7 +58,7 @@ REAPPLIED_KEYS = {
 # Keys that do not affect what a checkpoint holds.
 NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "validation_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "report_to", "push_to_hub", "push_checkpoints_to_hub",
-                "hub_model_id", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers")
+                "hub_model_id", "hub_retry_window_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers")
 
 
 def config_hash(config: dict) -> str:

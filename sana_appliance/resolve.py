@@ -82,6 +82,7 @@ class Credentials:
 
     hf_token: str | None = field(default=None, repr=False)
     wandb_api_key: str | None = field(default=None, repr=False)
+    hf_token_source: str | None = None  # which variable held the token (HF_TOKEN or HUGGING_FACE_HUB_TOKEN), for messages
 
     def values(self) -> list[str]:
         return [v for v in (self.hf_token, self.wandb_api_key) if v]
@@ -92,6 +93,7 @@ class HubSettings:
     endpoint: str | None = None
     offline: bool = False
     wandb_mode: str | None = None
+    retry_window_s: float = 300.0  # hub_retry_window_s, filled in once the config is resolved
 
 
 @dataclass(frozen=True)
@@ -286,6 +288,7 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
     credentials = Credentials(
         hf_token=env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or None,
         wandb_api_key=env.get("WANDB_API_KEY") or None,
+        hf_token_source="HF_TOKEN" if env.get("HF_TOKEN") else "HUGGING_FACE_HUB_TOKEN" if env.get("HUGGING_FACE_HUB_TOKEN") else None,
     )
     hub = HubSettings(
         endpoint=env.get("HF_ENDPOINT") or None,
@@ -454,7 +457,7 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
         config_path=config_path,
         workspace=workspace,
         credentials=credentials,
-        hub=hub,
+        hub=dataclasses.replace(hub, retry_window_s=float(values["hub_retry_window_s"])),
         warnings=tuple(warnings),
         worker_rank=int(env["RANK"]) if env.get("RANK", "").isdigit() and env.get("WORLD_SIZE") else None,
         under_appliance_launcher=bool(env.get("APPLIANCE_LAUNCHER_PID")),

@@ -38,7 +38,7 @@ def check_rules(key: str, value: Any) -> str | None:
     return None
 
 
-EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0"}
+EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0", "hub_retry_window_s": "300"}
 
 
 def parse_resolutions(text: str) -> list[tuple[int, int]]:

@@ -80,13 +80,15 @@ def _completion_key(cfg) -> dict:
             "num_train_epochs": cfg.num_train_epochs}
 
 
-def mark_complete(output_dir: Path, cfg, step: int) -> None:
-    """Written last, after export and upload: a restarted container sees the job is done."""
-    atomic_write_json(output_dir / COMPLETE_MARKER, {**_completion_key(cfg), "step": step})
+def mark_complete(output_dir: Path, cfg, step: int, upload: dict | None = None) -> None:
+    """Written after export, and again once the upload is done or has failed: a restarted container
+    sees the job is done and, from `upload` (repo, endpoint, status, commit), whether final/ still
+    has to be pushed. None: push_to_hub was off."""
+    atomic_write_json(output_dir / COMPLETE_MARKER, {**_completion_key(cfg), "step": step, "upload": upload}, indent=2)
 
 
-def completed_step(output_dir: Path, cfg) -> int | None:
-    """The final step if this exact job (same config and length) already finished, else None."""
+def completion_record(output_dir: Path, cfg) -> dict | None:
+    """The marker's content if this exact job (same config and length) already finished, else None."""
     path = output_dir / COMPLETE_MARKER
     if cfg.resume_from_checkpoint.lower() == "none" or not path.is_file():
         return None
@@ -94,5 +96,13 @@ def completed_step(output_dir: Path, cfg) -> int | None:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("step"), int):
+        return None
     key = _completion_key(cfg)
-    return doc.get("step") if all(doc.get(k) == v for k, v in key.items()) else None
+    return doc if all(doc.get(k) == v for k, v in key.items()) else None
+
+
+def completed_step(output_dir: Path, cfg) -> int | None:
+    """The final step if this exact job (same config and length) already finished, else None."""
+    record = completion_record(output_dir, cfg)
+    return record["step"] if record is not None else None

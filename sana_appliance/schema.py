@@ -227,6 +227,12 @@ class TrainConfig:
         False, "Also upload each checkpoint to the Hub repo, under checkpoints/."
     )
     hub_model_id: str | None = _opt(None, "Hub repo to push to, e.g. `you/sana-finetune`.")
+    hub_retry_window_s: float = _opt(
+        300.0,
+        "Seconds to keep retrying a Hub download or upload that fails transiently (connection refused, "
+        "DNS, timeout, HTTP 429/5xx) before exiting 3. 0 tries once.",
+        minimum=0,
+    )
 
 
 def fields() -> list[dataclasses.Field]:

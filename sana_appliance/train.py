@@ -519,24 +519,59 @@ def _dataset_summary(backend_id: str, samples: list) -> dict:
 
 
 def train(resolved: Resolved) -> None:
-    output_dir = Path(resolved.config.output_dir)
-    done = runinfo.completed_step(output_dir, resolved.config)
-    if done is not None:
-        # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
-        log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
-                 "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
-        return
+    from . import upload
+
+    cfg = resolved.config
+    output_dir = Path(cfg.output_dir)
+    record = runinfo.completion_record(output_dir, cfg)
+    if record is not None:
+        done = record["step"]
+        if not upload.wanted(resolved, record.get("upload")):
+            # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
+            log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
+                     "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
+            pushed = record.get("upload")
+            if isinstance(pushed, dict) and pushed.get("status") == "uploaded":
+                log.info("final/ is on the Hub: %s at %s (commit %s)", pushed.get("repo"), pushed.get("endpoint"),
+                         pushed.get("commit"))
+            elif isinstance(pushed, dict):
+                log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
+                            pushed.get("status"))
+            return
+        problems = upload.check_final(output_dir / "final")
+        if not problems:
+            if resolved.worker_rank in (None, 0):  # rank 0 uploads; other workers have nothing to do
+                log.info("this run already finished at step %d; uploading %s without retraining or re-exporting",
+                         done, output_dir / "final")
+                _publish(resolved, output_dir, done)
+            return
+        log.warning("this run finished at step %d but its export is incomplete (%s): exporting it again from the "
+                    "last checkpoint before uploading", done, "; ".join(problems))
     run = Run(resolved)
     try:
         run.setup()
         run.train()
         run.finish()
         if run.is_main:
-            from . import upload
-
-            upload.publish(resolved, run.output_dir)
-            runinfo.mark_complete(run.output_dir, resolved.config, run.step)
+            _publish(resolved, run.output_dir, run.step)
     finally:
         run.close()
 
 
+def _publish(resolved: Resolved, output_dir: Path, step: int) -> None:
+    """Mark the run complete, then push final/ when push_to_hub asks. The marker says `pending` while
+    the upload runs and `failed` (exit 3) when it gives up, so the next start uploads without retraining."""
+    from . import upload
+    from .errors import AssetError
+
+    cfg = resolved.config
+    if not cfg.push_to_hub:
+        runinfo.mark_complete(output_dir, cfg, step)
+        return
+    runinfo.mark_complete(output_dir, cfg, step, upload=upload.pending(resolved))
+    try:
+        pushed = upload.publish(resolved, output_dir)
+    except AssetError as exc:
+        runinfo.mark_complete(output_dir, cfg, step, upload=upload.failed(resolved, exc))
+        raise
+    runinfo.mark_complete(output_dir, cfg, step, upload=pushed)

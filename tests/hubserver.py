@@ -1,5 +1,5 @@
-"""A real HTTP server that answers the few Hugging Face Hub endpoints huggingface_hub 2.x calls
-to resolve a revision and download a model or dataset snapshot.
+"""A real HTTP server that answers the Hugging Face Hub endpoints huggingface_hub 2.x calls to
+resolve a revision, download a model or dataset snapshot, and upload a folder.
 
 Used by tests instead of mocking huggingface_hub: the library runs unchanged against it
 (set HF_ENDPOINT / HubSettings.endpoint to `FakeHub.url`). Endpoints, as called by
@@ -9,14 +9,23 @@ huggingface_hub 2.4:
     GET  /api/{models|datasets}/{owner}/{name}/tree/{rev}?recursive  file listing
     HEAD /[datasets/]{owner}/{name}/resolve/{rev}/{path}             X-Repo-Commit, ETag, Content-Length
     GET  /[datasets/]{owner}/{name}/resolve/{rev}/{path}             the bytes
+    POST /api/repos/create                                          create a repo (409 if it exists)
+    POST /api/validate-yaml                                         model card metadata check
+    POST /api/{models|datasets}/{owner}/{name}/preupload/{rev}      upload mode (regular / lfs) per file
+    POST /[datasets/]{owner}/{name}.git/info/lfs/objects/batch      LFS: which objects to PUT where
+    PUT  /lfs-objects/{sha256}                                      LFS: the bytes of one object
+    POST /api/{models|datasets}/{owner}/{name}/commit/{rev}         NDJSON commit -> {"commitOid"}
 
+Uploads need a token from `write_tokens` (401 without a token, 403 with another one); the LFS
+protocol is used, not Xet (run the client with HF_HUB_DISABLE_XET=1, since hf_xet is installed).
 Errors follow the Hub: `X-Error-Code: RepoNotFound | RevisionNotFound | GatedRepo | EntryNotFound`.
-Faults (an HTTP status, a dropped connection, a delay) can be queued per endpoint, and every
-request is recorded so tests can count retries and check which revision was fetched.
+Faults (an HTTP status, a dropped connection, a delay) can be queued per method and path, and
+every request is recorded so tests can count retries and check which revision was fetched.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import threading
@@ -40,6 +49,7 @@ class FakeRepo:
     branches: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
     gated: bool = False
     allowed_tokens: frozenset[str] = frozenset()  # tokens that accepted the gated repo's license
+    commits: list[str] = field(default_factory=list)  # shas of the commits pushed to it, oldest first
 
     def resolve(self, revision: str) -> str | None:
         if revision == self.sha:
@@ -51,7 +61,8 @@ class FakeRepo:
 class Fault:
     method: str
     path_contains: str
-    action: int | str  # an HTTP status, "drop" (close without answering) or "delay:<seconds>"
+    action: int | str  # an HTTP status, "drop" (close without answering), "delay:<seconds>" (then answer)
+    # or "hang:<seconds>" (say nothing for that long, then close without answering)
     remaining: int
 
 
@@ -62,11 +73,34 @@ class Request:
     authorization: str | None
 
 
+def _lfs_mode(sample: bytes, size: int) -> str:
+    # Like the Hub's .gitattributes: binary content goes to LFS, small text stays in git.
+    return "lfs" if b"\0" in sample or size > 100_000 else "regular"
+
+
+def _oid(data: bytes, mode: str) -> str:
+    """What the Hub reports as a file's oid in preupload: sha256 for LFS files, the git blob id otherwise."""
+    return hashlib.sha256(data).hexdigest() if mode == "lfs" else git_blob_oid(data)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        # A client that timed out or gave up closes its end; that is the point of some tests.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)
+
+
 class FakeHub:
     """Start with `with FakeHub() as hub:`; `hub.url` is the endpoint to pass to huggingface_hub."""
 
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], FakeRepo] = {}
+        self.write_tokens: set[str] = set()  # tokens that may create repos and push
+        self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, as the Hub's LFS storage
         self.requests: list[Request] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
@@ -102,6 +136,10 @@ class FakeHub:
         with self._lock:
             self._faults.append(Fault(method, path_contains, action, times))
 
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
     def hits(self, method: str | None = None, contains: str = "") -> int:
         with self._lock:
             return sum(1 for r in self.requests if (method is None or r.method == method) and contains in r.path)
@@ -116,8 +154,7 @@ class FakeHub:
 
     def start(self) -> FakeHub:
         handler = type("Handler", (_Handler,), {"hub": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
         )
@@ -164,22 +201,50 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve("HEAD")
 
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_PUT(self) -> None:
+        self._serve("PUT")
+
     # ------------------------------------------------------------ dispatch
+
+    def _body(self) -> bytes:
+        """The request body, sent with a Content-Length or chunked (httpx streams file uploads)."""
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                chunk = self.rfile.read(size) if size else b""
+                self.rfile.readline()  # the CRLF after each chunk
+                if not size:
+                    return b"".join(chunks)
+                chunks.append(chunk)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def _serve(self, method: str) -> None:
         raw_path = urlsplit(self.path).path
         path = unquote(raw_path)
+        body = self._body() if method in ("POST", "PUT") else b""  # read first: the connection stays usable
         action = self.hub._record(method, path, self.headers.get("Authorization"))
         if isinstance(action, str) and action.startswith("delay:"):
             time.sleep(float(action.split(":", 1)[1]))
+        elif isinstance(action, str) and action.startswith("hang:"):
+            time.sleep(float(action.split(":", 1)[1]))
+            self.close_connection = True
+            return
         elif action == "drop":
             self.close_connection = True  # answer nothing: the client sees the connection cut
             return
         elif isinstance(action, int):
             self._send_json(action, {"error": f"injected HTTP {action}"})
             return
+        if method in ("POST", "PUT"):
+            return self._write(method, raw_path, body)
 
         parts = raw_path.strip("/").split("/")
+        if parts[:1] == ["api"] and len(parts) == 4 and parts[1] in ("models", "datasets"):
+            return self._repo_info(parts[1][:-1], f"{unquote(parts[2])}/{unquote(parts[3])}", "main")
         if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
             repo_type = parts[1][:-1]
             repo_id = f"{unquote(parts[2])}/{unquote(parts[3])}"
@@ -260,6 +325,109 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if method == "GET":
             self.wfile.write(data)
+
+    # ------------------------------------------------------------ uploads
+
+    def _writer_refused(self) -> bool:
+        """Answer 401/403 unless the request carries a write token."""
+        auth = self.headers.get("Authorization")
+        token = auth.removeprefix("Bearer ") if auth else None
+        if token is None:
+            self._send_json(401, {"error": "Invalid username or password."})
+            return True
+        if token not in self.hub.write_tokens:
+            self._send_json(403, {"error": "You don't have the rights to write to this repo"})
+            return True
+        return False
+
+    def _write(self, method: str, raw_path: str, body: bytes) -> None:
+        parts = [unquote(p) for p in raw_path.strip("/").split("/")]
+        if method == "POST" and parts == ["api", "validate-yaml"]:
+            return self._send_json(200, {"errors": [], "warnings": []})
+        if method == "PUT" and len(parts) == 2 and parts[0] == "lfs-objects":
+            return self._lfs_put(parts[1], body)  # a pre-signed storage URL on the Hub: no token is sent
+        if self._writer_refused():
+            return
+        if method == "POST" and parts == ["api", "repos", "create"]:
+            return self._create_repo(json.loads(body))
+        if method == "POST" and parts[-4:] == ["info", "lfs", "objects", "batch"]:
+            repo_type = "dataset" if parts[0] == "datasets" else "model"
+            owner_name = parts[1:-4] if repo_type == "dataset" else parts[:-4]
+            return self._lfs_batch(json.loads(body), repo_type, "/".join(owner_name).removesuffix(".git"))
+        if method == "POST" and parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
+            repo_type, repo_id, revision = parts[1][:-1], f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
+            if parts[4] == "preupload":
+                return self._preupload(repo_type, repo_id, revision, json.loads(body))
+            if parts[4] == "commit":
+                return self._commit(repo_type, repo_id, revision, body)
+        self._send_json(404, {"error": f"no such endpoint {method} {raw_path}"})
+
+    def _create_repo(self, payload: dict) -> None:
+        repo_type = payload.get("type") or "model"
+        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        if (repo_type, repo_id) in self.hub.repos:
+            return self._send_json(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{prefix}{repo_id}"})
+        self.hub.add_repo(repo_id, {}, repo_type=repo_type)
+        self._send_json(200, {"url": f"{self.hub.url}/{prefix}{repo_id}"})
+
+    def _preupload(self, repo_type: str, repo_id: str, revision: str, payload: dict) -> None:
+        found = self._find(repo_type, repo_id, revision)
+        if found is None:
+            return
+        repo, sha = found
+        files = []
+        for entry in payload["files"]:
+            mode = _lfs_mode(base64.b64decode(entry["sample"]), entry["size"])
+            existing = repo.files.get(entry["path"])
+            files.append({"path": entry["path"], "uploadMode": mode, "shouldIgnore": False,
+                          "oid": _oid(existing, mode) if existing is not None else None})
+        self._send_json(200, {"files": files, "commitOid": sha})
+
+    def _lfs_batch(self, payload: dict, repo_type: str, repo_id: str) -> None:
+        if (repo_type, repo_id) not in self.hub.repos:
+            return self._send_json(404, {"error": "Repository not found"}, error_code="RepoNotFound")
+        objects = []
+        for obj in payload["objects"]:
+            entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
+            if obj["oid"] not in self.hub.lfs_objects:  # only what the storage lacks is sent
+                entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-objects/{obj['oid']}"}}
+            objects.append(entry)
+        self._send_json(200, {"transfer": "basic", "objects": objects})
+
+    def _lfs_put(self, oid: str, body: bytes) -> None:
+        if hashlib.sha256(body).hexdigest() != oid:
+            return self._send_json(400, {"error": "content does not match its sha256"})
+        with self.hub._lock:
+            self.hub.lfs_objects[oid] = body
+        self._send_json(200, {})
+
+    def _commit(self, repo_type: str, repo_id: str, revision: str, body: bytes) -> None:
+        found = self._find(repo_type, repo_id, revision)
+        if found is None:
+            return
+        repo, parent = found
+        files = dict(repo.files)
+        for line in body.splitlines():
+            item = json.loads(line)
+            value = item["value"]
+            if item["key"] == "file":
+                files[value["path"]] = base64.b64decode(value["content"])
+            elif item["key"] == "lfsFile":
+                data = self.hub.lfs_objects.get(value["oid"])
+                if data is None:
+                    return self._send_json(422, {"error": f"LFS object {value['oid']} was never uploaded"})
+                files[value["path"]] = data
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                files = {k: v for k, v in files.items() if k != value["path"] and not k.startswith(value["path"].rstrip("/") + "/")}
+        sha = hashlib.sha1(repr((parent, sorted(files.items()))).encode()).hexdigest()
+        with self.hub._lock:
+            repo.files, repo.sha = files, sha
+            repo.branches[revision] = sha
+            repo.commits.append(sha)
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        self._send_json(200, {"commitUrl": f"{self.hub.url}/{prefix}{repo_id}/commit/{sha}", "commitOid": sha,
+                              "success": True})
 
     def _send_json(
         self,

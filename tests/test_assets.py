@@ -21,7 +21,7 @@ from sana_appliance.resolve import Credentials, HubSettings, Workspace
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 SECRET = "hf_s3cretTOKENvalue0123456789"
-FAST = {"wait_s": 0.01, "max_wait_s": 0.05}  # tenacity backoff small enough for tests
+WINDOW_S = 1.0  # hub_retry_window_s for tests: the backoff scales with it (first wait 0.05 s)
 
 
 def pipeline_files(tag: str = "v1") -> dict[str, bytes]:
@@ -48,8 +48,8 @@ def workspace(tmp_path: Path) -> Workspace:
     return Workspace(root=root, hf_home=root / "cache" / "huggingface")
 
 
-def online(hub: FakeHub) -> HubSettings:
-    return HubSettings(endpoint=hub.url)
+def online(hub: FakeHub, window_s: float = WINDOW_S) -> HubSettings:
+    return HubSettings(endpoint=hub.url, retry_window_s=window_s)
 
 
 def offline() -> HubSettings:
@@ -62,7 +62,7 @@ def offline() -> HubSettings:
 
 def test_hub_download_pins_the_resolved_commit_into_hf_home(hub, workspace):
     repo = hub.add_repo("acme/tiny-sana", pipeline_files())
-    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
 
     assert source.kind == "hub"
     assert (source.repo_id, source.revision, source.commit_sha) == ("acme/tiny-sana", "main", repo.sha)
@@ -78,7 +78,7 @@ def test_hub_download_pins_the_resolved_commit_into_hf_home(hub, workspace):
 
     # A second call finds everything in the cache: it asks for the sha again but downloads nothing.
     gets_before = hub.hits("GET", "/resolve/")
-    again = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+    again = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
     assert again == source
     assert hub.hits("GET", "/resolve/") == gets_before
 
@@ -86,7 +86,7 @@ def test_hub_download_pins_the_resolved_commit_into_hf_home(hub, workspace):
 def test_hub_repo_that_is_not_a_diffusers_pipeline_fails_clearly(hub, workspace):
     hub.add_repo("acme/not-diffusers", {"model.safetensors": b"weights", "config.json": b"{}"})
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/not-diffusers", "main", workspace, online(hub), Credentials(), **FAST)
+        fetch_model("acme/not-diffusers", "main", workspace, online(hub), Credentials())
     assert "model_index.json is missing" in err.value.message
     assert "acme/not-diffusers" in err.value.message
 
@@ -96,7 +96,7 @@ def test_hub_repo_that_is_not_a_diffusers_pipeline_fails_clearly(hub, workspace)
 
 def test_missing_repo_fails_at_once_naming_it(hub, workspace):
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/no-such-model", "main", workspace, online(hub), Credentials(), **FAST)
+        fetch_model("acme/no-such-model", "main", workspace, online(hub), Credentials())
     assert err.value.exit_code == ExitCode.ASSET == 3
     assert "'acme/no-such-model' was not found" in err.value.message
     assert "spelling" in err.value.message
@@ -107,7 +107,7 @@ def test_missing_repo_fails_at_once_naming_it(hub, workspace):
 def test_missing_revision_fails_at_once_naming_repo_and_revision(hub, workspace):
     hub.add_repo("acme/tiny-sana", pipeline_files())
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/tiny-sana", "v9-typo", workspace, online(hub), Credentials(), **FAST)
+        fetch_model("acme/tiny-sana", "v9-typo", workspace, online(hub), Credentials())
     assert err.value.exit_code == 3
     assert "revision 'v9-typo'" in err.value.message and "'acme/tiny-sana'" in err.value.message
     assert hub.hits("GET", "/api/models/acme/tiny-sana/revision/v9-typo") == 1
@@ -120,7 +120,7 @@ def test_missing_revision_fails_at_once_naming_repo_and_revision(hub, workspace)
 def test_gated_repo_without_token_says_accept_license_and_set_hf_token(hub, workspace):
     hub.add_repo("acme/gated-sana", pipeline_files(), gated=True, allowed_tokens=(SECRET,))
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials(), **FAST)
+        fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials())
     message = err.value.message
     assert err.value.exit_code == 3
     assert "no HF_TOKEN is set" in message
@@ -132,7 +132,7 @@ def test_gated_repo_with_refused_token_never_shows_the_token(hub, workspace, cap
     caplog.set_level(logging.DEBUG)
     hub.add_repo("acme/gated-sana", pipeline_files(), gated=True, allowed_tokens=("hf_someone_else",))
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials(hf_token=SECRET), **FAST)
+        fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials(hf_token=SECRET))
     message = err.value.message
     assert "HF_TOKEN is set but the Hub refused it" in message
     assert "https://huggingface.co/acme/gated-sana" in message
@@ -146,7 +146,7 @@ def test_gated_repo_with_refused_token_never_shows_the_token(hub, workspace, cap
 
 def test_gated_repo_with_accepted_token_downloads(hub, workspace):
     repo = hub.add_repo("acme/gated-sana", pipeline_files(), gated=True, allowed_tokens=(SECRET,))
-    source = fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials(hf_token=SECRET), **FAST)
+    source = fetch_model("acme/gated-sana", "main", workspace, online(hub), Credentials(hf_token=SECRET))
     assert source.commit_sha == repo.sha
 
 
@@ -160,7 +160,7 @@ def test_transient_failures_are_retried_with_logging(hub, workspace, caplog):
     hub.fail("GET", "/api/models/acme/tiny-sana/revision/main", "drop")
     hub.fail("GET", "/resolve/", 502)  # one file transfer fails mid-snapshot
 
-    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
 
     assert source.commit_sha == repo.sha
     assert (source.path / "vae" / "config.json").read_bytes() == repo.files["vae/config.json"]
@@ -170,24 +170,56 @@ def test_transient_failures_are_retried_with_logging(hub, workspace, caplog):
     assert "503" in retries[0] and "RemoteProtocolError" in retries[1] and "502" in retries[2]
 
 
-def test_persistent_503_gives_up_after_exactly_max_attempts(hub, workspace):
+def test_persistent_503_is_retried_for_the_window_then_says_the_hub_is_failing(hub, workspace):
     hub.add_repo("acme/tiny-sana", pipeline_files())
-    hub.fail("GET", "/revision/main", 503, times=100)
+    hub.fail("GET", "/revision/main", 503, times=1000)
+    start = time.monotonic()
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), max_attempts=3, **FAST)
-    assert hub.hits("GET", "/revision/main") == 3
+        fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(hf_token=SECRET))
+    elapsed = time.monotonic() - start
+    # Retried with backoff until the window was used up, then given up: not one try, not forever.
+    assert hub.hits("GET", "/revision/main") >= 4
+    assert 0.5 * WINDOW_S <= elapsed < WINDOW_S + 2.0
+    message = err.value.message
     assert err.value.exit_code == 3
-    assert "after 3 attempt(s)" in err.value.message and "503" in err.value.message
-    assert "HF_HUB_OFFLINE=1" in err.value.message
+    assert "503" in message and "problem on the Hub's side, not with your token" in message
+    assert "hub_retry_window_s" in message and "HF_HUB_OFFLINE=1" in message
+    assert SECRET not in message
 
 
-def test_unreachable_hub_is_retried_then_reported(hub, workspace):
+def test_unreachable_hub_is_retried_then_names_the_endpoint(hub, workspace):
     hub.add_repo("acme/tiny-sana", pipeline_files())
     endpoint = hub.url
     hub.stop()
     with pytest.raises(AssetError) as err:
-        fetch_model("acme/tiny-sana", "main", workspace, HubSettings(endpoint=endpoint), Credentials(), max_attempts=2, **FAST)
-    assert "after 2 attempt(s)" in err.value.message and "ConnectError" in err.value.message
+        fetch_model("acme/tiny-sana", "main", workspace, HubSettings(endpoint=endpoint, retry_window_s=0.5), Credentials())
+    message = err.value.message
+    assert "ConnectError" in message and "connection refused" in message
+    assert endpoint in message and "HF_ENDPOINT" in message
+    assert "attempt(s)" in message and "1 attempt(s)" not in message
+
+
+def test_hanging_hub_times_out_and_is_retried(hub, workspace, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_ETAG_TIMEOUT", 1)  # what HF_HUB_ETAG_TIMEOUT=1 sets at import
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    repo = hub.add_repo("acme/tiny-sana", pipeline_files())
+    hub.fail("GET", "/revision/main", "delay:3")  # accepts, then says nothing for longer than the timeout
+    start = time.monotonic()
+    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub, window_s=5.0), Credentials())
+    assert source.commit_sha == repo.sha
+    assert hub.hits("GET", "/revision/main") == 2
+    assert time.monotonic() - start < 3.0  # gave up on the silent answer after ~1 s, not after 3 s
+
+
+def test_window_zero_tries_once(hub, workspace):
+    hub.add_repo("acme/tiny-sana", pipeline_files())
+    hub.fail("GET", "/revision/main", 500, times=10)
+    with pytest.raises(AssetError) as err:
+        fetch_model("acme/tiny-sana", "main", workspace, online(hub, window_s=0), Credentials())
+    assert hub.hits("GET", "/revision/main") == 1
+    assert "1 attempt(s)" in err.value.message and "HTTP 500" in err.value.message
 
 
 # ---------------------------------------------------------------- 5. offline
@@ -195,7 +227,7 @@ def test_unreachable_hub_is_retried_then_reported(hub, workspace):
 
 def test_offline_reuses_the_cache_without_any_server(hub, workspace):
     repo = hub.add_repo("acme/tiny-sana", pipeline_files())
-    first = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+    first = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
     hub.stop()
 
     cached = fetch_model("acme/tiny-sana", "main", workspace, offline(), Credentials())
@@ -215,7 +247,7 @@ def test_offline_with_empty_cache_says_how_to_fill_it(workspace):
 
 def test_offline_with_incomplete_snapshot_is_refused(hub, workspace):
     repo = hub.add_repo("acme/tiny-sana", pipeline_files())
-    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+    source = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
     (source.path / "vae" / "config.json").unlink()  # e.g. a cache copied while still downloading
     with pytest.raises(AssetError) as err:
         fetch_model("acme/tiny-sana", "main", workspace, offline(), Credentials())
@@ -282,7 +314,7 @@ def test_dataset_repo_downloads_into_dest_and_works_offline(hub, tmp_path):
     repo = hub.add_repo("acme/captions", files, repo_type="dataset")
     dest = tmp_path / "datasets" / "captions"
 
-    folder, sha = fetch_dataset("acme/captions", "main", dest, online(hub), Credentials(), **FAST)
+    folder, sha = fetch_dataset("acme/captions", "main", dest, online(hub), Credentials())
 
     assert (folder, sha) == (dest, repo.sha)
     assert (dest / "images" / "a.png").read_bytes() == files["images/a.png"]
@@ -295,7 +327,7 @@ def test_dataset_repo_downloads_into_dest_and_works_offline(hub, tmp_path):
 def test_dataset_that_is_a_model_repo_is_not_found(hub, tmp_path):
     hub.add_repo("acme/tiny-sana", pipeline_files())  # a model repo, asked for as a dataset
     with pytest.raises(AssetError) as err:
-        fetch_dataset("acme/tiny-sana", "main", tmp_path / "d", online(hub), Credentials(), **FAST)
+        fetch_dataset("acme/tiny-sana", "main", tmp_path / "d", online(hub), Credentials())
     assert "dataset repo 'acme/tiny-sana' was not found" in err.value.message
 
 
@@ -309,7 +341,7 @@ def test_concurrent_ranks_download_once(hub, workspace):
 
     def rank(name: str) -> None:
         try:
-            results[name] = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials(), **FAST)
+            results[name] = fetch_model("acme/tiny-sana", "main", workspace, online(hub), Credentials())
         except Exception as exc:  # surfaced by the asserts below
             results[name] = exc
 
