@@ -316,13 +316,18 @@ def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_
     extra = {"HF_HUB_OFFLINE": "1"} if fault == "offline" else {}
     if fault == "403":
         hub.write_tokens.clear()
+    before = marker(output)
     result = run_cli(hub_env(shared_workspace, output, endpoint, **extra))
-    assert result.returncode == 3, result.stderr[-3000:]
     assert "Traceback" not in result.stderr + result.stdout
+    if fault == "offline":  # refused with the config, before anything runs: exit 2, nothing asked of the Hub
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "cannot upload while HF_HUB_OFFLINE is set" in result.stderr
+        assert hub.requests == [] and marker(output) == before
+        return
+    assert result.returncode == 3, result.stderr[-3000:]
     error = result.stderr.split("sana-appliance: error:")[-1]
     expected = {"403": f"the token in HF_TOKEN may not write to {REPO_ID} (HTTP 403)",
-                "refused": f"nothing accepts connections at {endpoint} (connection refused): check HF_ENDPOINT",
-                "offline": "HF_HUB_OFFLINE is set"}[fault]
+                "refused": f"nothing accepts connections at {endpoint} (connection refused): check HF_ENDPOINT"}[fault]
     assert expected in error and "without retraining" in error
     assert PLANTED_TOKEN not in result.stderr + result.stdout
     record = marker(output)
@@ -330,8 +335,6 @@ def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_
     assert record["upload"]["error"] in result.stderr
     if fault == "403":
         assert hub.hits("POST", "/api/repos/create") == 1  # not retried
-    if fault == "offline":
-        assert hub.requests == []
 
 
 def test_failed_upload_at_the_end_of_a_run_is_done_by_the_next_start(shared_workspace, tmp_path, hub):
