@@ -8,8 +8,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import PLANTED_TOKEN, cli_env, run_cli
 from safetensors.torch import load_file
@@ -224,10 +227,13 @@ def test_block_checkpointing_interval_keeps_numbers(tmp_path):
 
 
 def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
-    """lowest-vram's nf4 Gemma while caching: its embeddings are cached under their own keys."""
+    """lowest-vram's nf4 Gemma while caching: its layers really are 4-bit (the log says how many)
+    and its embeddings are cached under their own keys."""
     result = run_cli(cli_env(shared_workspace, tmp_path / "out", SANA_TEXT_ENCODER_1_PRECISION="nf4-bnb",
                              SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0"))
     assert result.returncode == 0, result.stderr[-3000:]
+    # The tiny Gemma-2 has 2 layers of 7 linear layers each (q, k, v, o, gate, up, down): all 4-bit.
+    assert "text encoder in nf4 (bitsandbytes): 14 of 14 linear layers 4-bit" in result.stderr
     caches = json.loads((tmp_path / "out" / "run.json").read_text())["caches"]
     assert caches["text_encoded"] > 0
     from safetensors import safe_open
@@ -237,3 +243,52 @@ def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
         with safe_open(f, "pt") as handle:
             encoders.add(handle.metadata()["encoder"].split("|")[-1])
     assert "text_encoder:nf4-bnb" in encoders  # nf4 embeddings never mix with full-precision ones
+
+
+def test_nf4_text_encoder_is_quantized_and_close_to_full_precision(tmp_path):
+    import bitsandbytes as bnb
+
+    from sana_appliance import models
+
+    folder = models.builtin_model_path(tmp_path)
+    cpu = torch.device("cpu")
+    nf4 = models.load_text_encoder(folder, SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), cpu)
+    full = models.load_text_encoder(folder, SimpleNamespace(text_encoder_1_precision="no_change", quantize_via="cpu"), cpu)
+    linear = [m for m in nf4.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 14 and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.modules())
+    ids = torch.tensor([[2, 270, 271, 272, 273, 274, 275]])
+    with torch.no_grad():
+        a, b = nf4(input_ids=ids).last_hidden_state.float(), full(input_ids=ids).last_hidden_state.float()
+    assert not torch.equal(a, b)  # quantization changes the numbers: these are not the fp32 weights
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+
+
+def test_failed_nf4_load_is_a_config_error_with_the_fix(tmp_path, monkeypatch):
+    from sana_appliance import models
+    from sana_appliance.errors import ConfigError
+
+    folder = models.builtin_model_path(tmp_path)
+    cfg, cpu = SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError) as caught:
+        models.load_text_encoder(folder, cfg, cpu)
+    message = caught.value.message
+    assert "text_encoder_1_precision='nf4-bnb'" in message and "bitsandbytes is not installed" in message
+    assert "SANA_TEXT_ENCODER_1_PRECISION=no_change" in message
+
+
+def test_nf4_kernel_refusal_exits_2_with_the_fix(shared_workspace, tmp_path):
+    """A text encoder narrower than bitsandbytes' 64-value nf4 block: its CPU kernel refuses it on
+    AVX512-BF16 hosts (exit 2 naming the key and the fix) and runs it elsewhere. Never a traceback."""
+    from sana_appliance import models
+
+    narrow = tmp_path / "narrow-sana"
+    models.build_tiny_sana(narrow, text_width=32)
+    result = run_cli(cli_env(shared_workspace, tmp_path / "out", SANA_PRETRAINED_MODEL_NAME_OR_PATH=str(narrow),
+                             SANA_TEXT_ENCODER_1_PRECISION="nf4-bnb", SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0"))
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert result.returncode in (0, 2), result.stderr[-3000:]
+    if result.returncode == 2:
+        assert "text_encoder_1_precision='nf4-bnb'" in result.stderr and "refused to run" in result.stderr
+        assert "SANA_TEXT_ENCODER_1_PRECISION=no_change" in result.stderr
