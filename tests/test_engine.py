@@ -181,7 +181,7 @@ def test_one_nonfinite_step_is_skipped_and_recorded_then_training_goes_on(demo_r
 
 
 def test_training_schedule_has_shift_3_from_sana_scheduler_config(tmp_path):
-    """FACTS.md trap: FlowMatchEulerDiscreteScheduler on Sana's DPM config silently gives shift 1.0."""
+    """docs/recipe.md trap: FlowMatchEulerDiscreteScheduler on Sana's DPM config silently gives shift 1.0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sana_style = {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": True,
