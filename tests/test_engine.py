@@ -1,6 +1,6 @@
 """The training engine end to end on the tiny built-in Sana (real CLI, CPU).
 
-Run: pytest tests/test_engine.py   (~2 minutes on 2 cores)
+Run: pytest tests/test_engine.py   (~3-5 minutes on 2 cores)
 """
 
 from __future__ import annotations
