@@ -212,6 +212,8 @@ def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
         import bitsandbytes
     except ImportError as exc:  # optional at run time: only this setting needs it
         raise _nf4_error("bitsandbytes is not installed", exc) from exc
+    except (OSError, RuntimeError) as exc:  # installed, but its native library does not load here
+        raise _nf4_error("bitsandbytes is installed but does not load on this machine", exc) from exc
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
     on_cpu = cfg.quantize_via == "cpu" or device.type != "cuda"

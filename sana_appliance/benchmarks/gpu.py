@@ -228,7 +228,6 @@ def report(results: list[dict], tiny: bool) -> None:
         if "error" in r:
             print(f"  {r['preset']:<12} {r['error']}: " + " | ".join(r.get("log_tail", [])[-2:]))
             continue
-        memory = ""
         memory = f"  fixed (memory model) {r['fixed_estimate_gib']:.2f} GiB"
         if "peak_allocated_gib" in r:
             memory += (f", peak allocated {r['peak_allocated_gib']:.2f} GiB, reserved {r['peak_reserved_gib']:.2f} GiB, "
