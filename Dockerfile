@@ -1,7 +1,10 @@
 # sana-appliance: full-rank Sana fine-tuning in one container.
 #
-# Build (CUDA 12 image; BuildKit is needed for the secret and bind mounts):
-#   DOCKER_BUILDKIT=1 docker build -t sana-appliance .
+# Build (CUDA 12 image; BuildKit is needed for the secret and bind mounts; GIT_SHA goes
+# into every run.json):
+#   DOCKER_BUILDKIT=1 docker build --build-arg GIT_SHA=$(git rev-parse HEAD) -t sana-appliance .
+# Without an image registry, build on a local base: README "Docker, RunPod, Vast" shows the
+# debootstrap + `--build-arg BASE_IMAGE=...` lines.
 # Behind TLS interception or a corporate proxy, hand pip your CA bundle. It is
 # mounted only while the install steps run and never lands in a layer, ENV or ARG:
 #   DOCKER_BUILDKIT=1 docker build --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt -t sana-appliance .

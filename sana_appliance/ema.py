@@ -2,9 +2,9 @@
 
 The shadow is fp32 whatever the weights' dtype: with decay 0.999 each update moves the
 shadow by 0.1% of (weight - shadow), far below a bf16 spacing, so a bf16 shadow would
-stay frozen (FACTS). The decay is exactly ``decay`` from the first update on: no hidden
-warmup (diffusers' EMAModel caps it at (1 + n) / (10 + n), which is why this is a
-small class of its own). The shadow starts equal to the weights it was built from.
+stay frozen (docs/recipe.md, section 4). The decay is exactly ``decay`` from the first
+update on: no hidden warmup (diffusers' EMAModel caps it at (1 + n) / (10 + n), which is
+why this is a small class of its own). The shadow starts equal to the weights it was built from.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Never derived from the model's scheduler: Sana ships a DPM-Solver config with
 `flow_shift=3.0`, and `FlowMatchEulerDiscreteScheduler.from_pretrained` on it silently
-gives shift 1.0 (FACTS.md). The training schedule is a plain object owned by the
-trainer and never shared with validation pipelines.
+gives shift 1.0 (docs/recipe.md, section 3). The training schedule is a plain object owned
+by the trainer and never shared with validation pipelines.
 
     sigma  ~ sigmoid(N(0, 1))                      (logit-normal)
     sigma' = s * sigma / (1 + (s - 1) * sigma)     (shift s, default 3.0)

@@ -21,12 +21,16 @@ from collections.abc import Sequence
 log = logging.getLogger("sana_appliance.launch")
 
 
-def process_count(setting: int) -> int:
+def process_count(setting: int, visible_gpus: int | None = None) -> int:
+    """Processes for `num_processes`: the setting, or for 0 one per visible GPU (at least one).
+    `visible_gpus` defaults to torch's count (CUDA_VISIBLE_DEVICES applies)."""
     if setting != 0:
         return setting
-    import torch
+    if visible_gpus is None:
+        import torch
 
-    return max(1, torch.cuda.device_count())
+        visible_gpus = torch.cuda.device_count()
+    return max(1, visible_gpus)
 
 
 def _free_port() -> int:

@@ -22,14 +22,18 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .errors import AssetError
+from .errors import AssetError, ConfigError
 from .fsutil import make_readable
 from .schema import BUILTIN_MODEL
 
 log = logging.getLogger("sana_appliance.models")
 
 # Bump when the tiny model's architecture or init changes: the folder name is its identity.
-TINY_VERSION = "v1"
+TINY_VERSION = "v2"
+# Width of the tiny Gemma-2 (and so the transformer's caption_channels). Every linear layer's
+# in_features is a multiple of 64, bitsandbytes' nf4 block: its CPU kernel on AVX512-BF16
+# hosts fails on narrower layers, and the tests load this encoder in nf4 (docs/recipe.md).
+TINY_TEXT_WIDTH = 64
 
 
 @dataclass
@@ -83,8 +87,9 @@ def _tiny_tokenizer():
     return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False)
 
 
-def build_tiny_sana(dest: Path, seed: int = 0) -> None:
-    """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic)."""
+def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH) -> None:
+    """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic).
+    `text_width` is for tests that need another text encoder width (the built-in uses the default)."""
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
@@ -93,7 +98,7 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
     transformer = SanaTransformer2DModel(
         in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
         num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
-        caption_channels=32, mlp_ratio=2.5, sample_size=16, patch_size=1,
+        caption_channels=text_width, mlp_ratio=2.5, sample_size=16, patch_size=1,
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
     torch.manual_seed(seed + 1)
@@ -110,8 +115,9 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
     torch.manual_seed(seed + 2)
     text_encoder = Gemma2Model(
         Gemma2Config(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=text_width // 2,
+            max_position_embeddings=1024,
             pad_token_id=0, bos_token_id=2, eos_token_id=1,
         )
     )
@@ -126,7 +132,8 @@ def build_tiny_sana(dest: Path, seed: int = 0) -> None:
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         make_readable(tmp)
-        (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed}))
+        (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
+            json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
         os.replace(tmp, dest)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,19 +183,60 @@ def load_text_encoder(path: Path, cfg, device: torch.device):
     loads it 4-bit (bitsandbytes), which is safe because it is never trained."""
     from transformers import Gemma2Model
 
-    kwargs: dict = {}
     if cfg.text_encoder_1_precision == "nf4-bnb":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
-        kwargs["device_map"] = {"": "cpu" if cfg.quantize_via == "cpu" or device.type != "cuda" else device.index or 0}
-    encoder = Gemma2Model.from_pretrained(path / "text_encoder", **kwargs)
+        encoder = _load_nf4_text_encoder(path, cfg, device)
+    else:
+        encoder = Gemma2Model.from_pretrained(path / "text_encoder").to(device)
     encoder.requires_grad_(False)
     encoder.eval()
-    if "quantization_config" not in kwargs or device.type == "cuda":
-        encoder.to(device)
+    return encoder
+
+
+_NF4_FIX = ("set text_encoder_1_precision=no_change (e.g. SANA_TEXT_ENCODER_1_PRECISION=no_change): the text encoder "
+            "then runs unquantized while captions are cached (~4 GB more memory during caching only, training is "
+            "unchanged)")
+
+
+def _nf4_error(what: str, exc: BaseException) -> ConfigError:
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ConfigError(f"text_encoder_1_precision='nf4-bnb': {what} ({type(exc).__name__}: {detail}). Fix: {_NF4_FIX}")
+
+
+def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
+    """Gemma-2 in bitsandbytes nf4. Every way this fails (bitsandbytes missing, a build
+    without this machine's kernels, a CPU kernel that refuses the layer shapes) becomes a
+    ConfigError naming the key and the fix, at load time rather than mid-caching."""
+    from transformers import BitsAndBytesConfig, Gemma2Model
+
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # optional at run time: only this setting needs it
+        raise _nf4_error("bitsandbytes is not installed", exc) from exc
+    except (OSError, RuntimeError) as exc:  # installed, but its native library does not load here
+        raise _nf4_error("bitsandbytes is installed but does not load on this machine", exc) from exc
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
+    on_cpu = cfg.quantize_via == "cpu" or device.type != "cuda"
+    try:
+        encoder = Gemma2Model.from_pretrained(path / "text_encoder", quantization_config=quantization,
+                                              device_map={"": "cpu" if on_cpu else device.index or 0})
+        if device.type == "cuda":
+            encoder.to(device)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        raise _nf4_error("the text encoder could not be loaded in 4-bit", exc) from exc
+    linear = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in linear)
+    if not quantized:  # caching full-precision embeddings under the nf4 key would be a lie
+        raise _nf4_error("no layer was quantized", RuntimeError("transformers ignored the 4-bit config"))
+    # bitsandbytes' kernels fail only when first run (e.g. its CPU nf4 path on AVX512-BF16 hosts
+    # for layers narrower than 64): one two-token forward surfaces that here, with the fix.
+    probe = torch.full((1, 2), int(encoder.config.bos_token_id or 0), dtype=torch.long, device=encoder.device)
+    try:
+        with torch.no_grad():
+            encoder(input_ids=probe)
+    except RuntimeError as exc:
+        raise _nf4_error(f"bitsandbytes' 4-bit kernel refused to run on this {device.type} machine", exc) from exc
+    log.info("text encoder in nf4 (bitsandbytes): %d of %d linear layers 4-bit", quantized, len(linear))
     return encoder
 
 

@@ -6,8 +6,8 @@ otherwise (``no``, or ``fp16`` = fp32 master weights + fp16 autocast + GradScale
 the trainer) they are fp32.
 
 Pure bf16 silently loses small updates: a bf16 weight near 0.25 has a spacing of
-~1e-3, so an update of 1e-5 (LR 1e-5) rounds away entirely (FACTS: plain bf16 AdamW
-moved weights 100x too little). Every optimizer built here is faithful with bf16
+~1e-3, so an update of 1e-5 (LR 1e-5) rounds away entirely (docs/recipe.md: plain bf16
+AdamW moved weights 100x too little). Every optimizer built here is faithful with bf16
 weights:
 
 - ``optimi-adamw`` and ``lion`` use torch-optimi with ``kahan_sum=True``: a bf16
@@ -86,6 +86,15 @@ def weight_dtype(cfg: TrainConfig) -> torch.dtype:
 def optimizer_state_bytes_per_param(cfg: TrainConfig) -> float:
     """Optimizer state bytes per trainable parameter for cfg (memory and disk estimates)."""
     return _STATE_BYTES[(cfg.optimizer, weight_dtype(cfg) == torch.bfloat16)]
+
+
+def fixed_bytes_per_param(cfg: TrainConfig) -> float:
+    """Device bytes per trainable parameter held for the whole run: weights and gradients in
+    weight_dtype, optimizer state, and the fp32 EMA shadow when use_ema (it lives beside the
+    weights). Activations come on top. The memory model of docs/recipe.md; the presets' and the
+    README's "GiB fixed" figures are this times the parameter count (tested)."""
+    weight_bytes = torch.finfo(weight_dtype(cfg)).bits // 8
+    return 2 * weight_bytes + optimizer_state_bytes_per_param(cfg) + (4.0 if cfg.use_ema else 0.0)
 
 
 def build_optimizer(

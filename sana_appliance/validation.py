@@ -2,9 +2,9 @@
 
 Prompts are encoded once, while the text encoder is loaded for caching, so validation needs
 no text encoder on the accelerator. Each call builds a fresh scheduler from the model's own
-config (the training schedule is a separate object, FACTS.md), draws noise from its own
-generator seeded with validation_seed, and runs inside `torch.random.fork_rng` so the
-training RNG streams are untouched.
+config (the training schedule is a separate object: docs/recipe.md, section 3), draws noise
+from its own generator seeded with validation_seed, and runs inside `torch.random.fork_rng`
+so the training RNG streams are untouched.
 """
 
 from __future__ import annotations

@@ -330,9 +330,13 @@ def test_readme_documents_every_key_and_env_var():
 def test_multi_gpu_preset_launches_one_process_per_gpu(tmp_path):
     c = resolve(env_for(tmp_path, PRESET="multi-gpu")).config
     assert c.num_processes == 0
+    import torch
+
     from sana_appliance.launch import process_count
 
-    assert process_count(0) >= 1 and process_count(3) == 3
+    assert [process_count(c.num_processes, visible_gpus=n) for n in (0, 1, 2, 8)] == [1, 1, 2, 8]
+    assert process_count(3, visible_gpus=8) == 3 and process_count(1, visible_gpus=8) == 1
+    assert process_count(c.num_processes) == max(1, torch.cuda.device_count())  # this machine's own count
 
 
 # ---------------------------------------------------------------- config files read as written

@@ -1,15 +1,19 @@
 """The training engine end to end on the tiny built-in Sana (real CLI, CPU).
 
-Run: pytest tests/test_engine.py   (~2 minutes on 2 cores)
+Run: pytest tests/test_engine.py   (~3-5 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import PLANTED_TOKEN, cli_env, run_cli
 from safetensors.torch import load_file
@@ -102,31 +106,82 @@ def test_different_seed_gives_different_weights(demo_run, shared_workspace):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nonfinite_steps_are_skipped_then_exit_5(shared_workspace, tmp_path):
-    """Poisoned cached latents: some steps skipped and counted; all poisoned: exit 5, checkpoints intact."""
-    ws = tmp_path / "ws"
-    shutil.copytree(shared_workspace / "cache", ws / "cache")
-    shutil.copytree(shared_workspace / "datasets", ws / "datasets")
+def _workspace_copy(shared_workspace: Path, dest: Path) -> Path:
+    shutil.copytree(shared_workspace / "cache", dest / "cache")
+    shutil.copytree(shared_workspace / "datasets", dest / "datasets")
+    return dest
+
+
+def _poison_latents(files: list[Path]) -> None:
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    latent_files = sorted((ws / "cache").rglob("*.safetensors"))
-    latent_files = [f for f in latent_files if "latents" in load_file(f)]
+    for f in files:
+        with safe_open(f, "pt") as handle:
+            meta, latents = handle.metadata(), handle.get_tensor("latents")
+        save_file({"latents": torch.full_like(latents, float("nan"))}, f, meta)
+
+
+def _loss_lines(output: Path) -> list[dict]:
+    return [x for x in map(json.loads, (output / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+
+
+def test_nonfinite_steps_are_skipped_then_exit_5(demo_run, shared_workspace, tmp_path):  # demo_run fills the caches
+    """Every cached latent poisoned: each step is skipped (weights unchanged) and counted in
+    skipped_steps; max_nonfinite_steps in a row is exit 5 with the checkpoints intact."""
+    from sana_appliance.models import builtin_model_path
+
+    ws = _workspace_copy(shared_workspace, tmp_path / "ws")
+    latent_files = [f for f in sorted((ws / "cache").rglob("*.safetensors")) if "latents" in load_file(f)]
     assert latent_files
-    for f in latent_files:
-        t = load_file(f)
-        save_file({"latents": torch.full_like(t["latents"], float("nan"))}, f)
-    result = run_cli(cli_env(ws, tmp_path / "out", SANA_MAX_NONFINITE_STEPS="3", SANA_CHECKPOINTING_STEPS="2",
-                             SANA_VALIDATION_STEPS="0"))
+    _poison_latents(latent_files)
+    out = tmp_path / "out"
+    result = run_cli(cli_env(ws, out, SANA_MAX_NONFINITE_STEPS="3", SANA_CHECKPOINTING_STEPS="2", SANA_VALIDATION_STEPS="0"))
     assert result.returncode == 5, result.stderr[-3000:]
     assert "diverged" in result.stderr and "step 3" in result.stderr and "non-finite" in result.stderr
-    ckpt = tmp_path / "out" / "checkpoints" / "checkpoint-2"
+    # Steps 1 and 2 were logged as skipped (step 3 stopped the run before its line).
+    assert [(x["step"], x["skipped_steps"]) for x in _loss_lines(out)] == [(1, 1), (2, 2)]
+    ckpt = out / "checkpoints" / "checkpoint-2"
     assert (ckpt / "COMPLETE").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["nonfinite_total"] == 2
+    # Skipped means skipped: the checkpoint holds the untouched base weights.
     weights = load_file(ckpt / "transformer.safetensors")
-    assert all(torch.isfinite(v).all() for v in weights.values())
+    base = load_file(builtin_model_path(ws / "cache") / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert weights.keys() == base.keys() and all(torch.equal(weights[k], base[k]) for k in base)
+
+
+def test_one_nonfinite_step_is_skipped_and_recorded_then_training_goes_on(demo_run, shared_workspace, tmp_path):
+    """One poisoned training image: the one step that draws it is skipped, the rest train, and
+    metrics.jsonl, the log and run.json all say exactly one step was skipped."""
+    from safetensors import safe_open
+
+    ws = _workspace_copy(shared_workspace, tmp_path / "ws")
+    train_latents = []
+    for f in sorted((ws / "cache").rglob("*.safetensors")):
+        with safe_open(f, "pt") as handle:
+            meta = handle.metadata() or {}
+        if "tiny-sana" in meta.get("vae", "") and "/train/" in meta.get("source", ""):
+            train_latents.append(f)
+    assert len(train_latents) == 64
+    _poison_latents(train_latents[:1])
+    out = tmp_path / "out"
+    # 16 steps of batch 4 are one epoch of the 64 images: the poisoned one is drawn exactly once.
+    result = run_cli(cli_env(ws, out, SANA_CHECKPOINTING_STEPS="100", SANA_VALIDATION_STEPS="0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = _loss_lines(out)
+    assert [x["step"] for x in lines] == list(range(1, 17))
+    bad = [x["step"] for x in lines if not math.isfinite(x["loss"])]
+    assert len(bad) == 1, bad
+    assert [x["skipped_steps"] for x in lines] == [int(x["step"] >= bad[0]) for x in lines]
+    assert f"step {bad[0]}: non-finite loss or gradients" in result.stderr and "update skipped" in result.stderr
+    run = json.loads((out / "run.json").read_text())
+    assert run["skipped_steps"] == 1 and run["steps"] == 16
+    assert all(torch.isfinite(v).all() for v in load_file(out / "transformer.safetensors").values())
+    assert math.isfinite(run["eval_loss"]["end"]) and run["eval_loss"]["end"] < run["eval_loss"]["start"]
 
 
 def test_training_schedule_has_shift_3_from_sana_scheduler_config(tmp_path):
-    """FACTS.md trap: FlowMatchEulerDiscreteScheduler on Sana's DPM config silently gives shift 1.0."""
+    """docs/recipe.md trap: FlowMatchEulerDiscreteScheduler on Sana's DPM config silently gives shift 1.0."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     sana_style = {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": True,
@@ -202,32 +257,61 @@ def test_training_from_a_hub_repo_records_its_commit(shared_workspace, tmp_path)
     assert missing.returncode == 3 and "acme/missing" in missing.stderr
 
 
-def test_block_checkpointing_interval_keeps_numbers(tmp_path):
+def _checkpointing_trace(transformer) -> tuple[torch.Tensor, set[int], int]:
+    """One forward + backward: the gradients, the blocks whose layers ran again during backward
+    (recomputed activations) and the bytes autograd saved for backward outside checkpointed regions."""
+    in_backward, recomputed, saved = [False], set(), [0]
+    hooks = [block.attn1.register_forward_pre_hook(lambda *_, i=i: recomputed.add(i) if in_backward[0] else None)
+             for i, block in enumerate(transformer.transformer_blocks)]
+
+    def pack(tensor):
+        saved[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 16, 16, generator=g)
+    e = torch.randn(2, 6, transformer.config.caption_channels, generator=g)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = transformer(x, encoder_hidden_states=e, encoder_attention_mask=torch.ones(2, 6),
+                          timestep=torch.tensor([100.0, 700.0])).sample
+    in_backward[0] = True
+    out.pow(2).mean().backward()
+    for hook in hooks:
+        hook.remove()
+    return torch.cat([p.grad.flatten() for p in transformer.parameters()]), recomputed, saved[0]
+
+
+def test_block_checkpointing_recomputes_the_chosen_blocks_and_keeps_numbers(tmp_path):
+    """gradient_checkpointing really recomputes every interval-th block in backward (so autograd
+    keeps fewer activations), with the same gradients and state_dict keys as without it."""
     from sana_appliance import models
 
     folder = models.builtin_model_path(tmp_path)
-    grads = {}
+    stored = set(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    traces = {}
     for interval in (None, 1, 2):
-        parts = models.load_parts(folder, "x", torch.float32)
-        t = parts.transformer
+        t = models.load_parts(folder, "x", torch.float32).transformer
         if interval:
             wrapped = models.enable_block_checkpointing(t, interval)
             assert wrapped == len(range(0, len(t.transformer_blocks), interval))
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 8, 16, 16, generator=g)
-        e = torch.randn(2, 6, 32, generator=g)
-        out = t(x, encoder_hidden_states=e, encoder_attention_mask=torch.ones(2, 6), timestep=torch.tensor([100.0, 700.0])).sample
-        out.pow(2).mean().backward()
-        grads[interval] = torch.cat([p.grad.flatten() for p in t.parameters()])
-        assert set(t.state_dict()) == set(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert torch.allclose(grads[None], grads[1], atol=1e-6) and torch.allclose(grads[None], grads[2], atol=1e-6)
+        traces[interval] = _checkpointing_trace(t)
+        assert set(t.state_dict()) == stored
+    num_blocks = len(t.transformer_blocks)
+    (grads, recomputed, saved), (grads1, recomputed1, saved1), (grads2, recomputed2, saved2) = traces.values()
+    assert recomputed == set()
+    assert recomputed1 == set(range(num_blocks)) and recomputed2 == set(range(0, num_blocks, 2))
+    assert saved1 < saved2 < saved  # checkpointed blocks keep only their inputs
+    assert torch.allclose(grads, grads1, atol=1e-6) and torch.allclose(grads, grads2, atol=1e-6)
 
 
 def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
-    """lowest-vram's nf4 Gemma while caching: its embeddings are cached under their own keys."""
+    """lowest-vram's nf4 Gemma while caching: its layers really are 4-bit (the log says how many)
+    and its embeddings are cached under their own keys."""
     result = run_cli(cli_env(shared_workspace, tmp_path / "out", SANA_TEXT_ENCODER_1_PRECISION="nf4-bnb",
                              SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0"))
     assert result.returncode == 0, result.stderr[-3000:]
+    # The tiny Gemma-2 has 2 layers of 7 linear layers each (q, k, v, o, gate, up, down): all 4-bit.
+    assert "text encoder in nf4 (bitsandbytes): 14 of 14 linear layers 4-bit" in result.stderr
     caches = json.loads((tmp_path / "out" / "run.json").read_text())["caches"]
     assert caches["text_encoded"] > 0
     from safetensors import safe_open
@@ -237,3 +321,52 @@ def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
         with safe_open(f, "pt") as handle:
             encoders.add(handle.metadata()["encoder"].split("|")[-1])
     assert "text_encoder:nf4-bnb" in encoders  # nf4 embeddings never mix with full-precision ones
+
+
+def test_nf4_text_encoder_is_quantized_and_close_to_full_precision(tmp_path):
+    import bitsandbytes as bnb
+
+    from sana_appliance import models
+
+    folder = models.builtin_model_path(tmp_path)
+    cpu = torch.device("cpu")
+    nf4 = models.load_text_encoder(folder, SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), cpu)
+    full = models.load_text_encoder(folder, SimpleNamespace(text_encoder_1_precision="no_change", quantize_via="cpu"), cpu)
+    linear = [m for m in nf4.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 14 and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in full.modules())
+    ids = torch.tensor([[2, 270, 271, 272, 273, 274, 275]])
+    with torch.no_grad():
+        a, b = nf4(input_ids=ids).last_hidden_state.float(), full(input_ids=ids).last_hidden_state.float()
+    assert not torch.equal(a, b)  # quantization changes the numbers: these are not the fp32 weights
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9
+
+
+def test_failed_nf4_load_is_a_config_error_with_the_fix(tmp_path, monkeypatch):
+    from sana_appliance import models
+    from sana_appliance.errors import ConfigError
+
+    folder = models.builtin_model_path(tmp_path)
+    cfg, cpu = SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), torch.device("cpu")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(ConfigError) as caught:
+        models.load_text_encoder(folder, cfg, cpu)
+    message = caught.value.message
+    assert "text_encoder_1_precision='nf4-bnb'" in message and "bitsandbytes is not installed" in message
+    assert "SANA_TEXT_ENCODER_1_PRECISION=no_change" in message
+
+
+def test_nf4_kernel_refusal_exits_2_with_the_fix(shared_workspace, tmp_path):
+    """A text encoder narrower than bitsandbytes' 64-value nf4 block: its CPU kernel refuses it on
+    AVX512-BF16 hosts (exit 2 naming the key and the fix) and runs it elsewhere. Never a traceback."""
+    from sana_appliance import models
+
+    narrow = tmp_path / "narrow-sana"
+    models.build_tiny_sana(narrow, text_width=32)
+    result = run_cli(cli_env(shared_workspace, tmp_path / "out", SANA_PRETRAINED_MODEL_NAME_OR_PATH=str(narrow),
+                             SANA_TEXT_ENCODER_1_PRECISION="nf4-bnb", SANA_MAX_TRAIN_STEPS="2", SANA_VALIDATION_STEPS="0"))
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    assert result.returncode in (0, 2), result.stderr[-3000:]
+    if result.returncode == 2:
+        assert "text_encoder_1_precision='nf4-bnb'" in result.stderr and "refused to run" in result.stderr
+        assert "SANA_TEXT_ENCODER_1_PRECISION=no_change" in result.stderr

@@ -114,3 +114,13 @@ def test_cloud_templates_mount_the_workspace_and_use_known_variables(name):
     documented = set(_env_example())
     assert env_names and env_names <= documented, f"{name} sets undocumented variables: {env_names - documented}"
     assert not re.search(r"hf_[A-Za-z0-9]{20,}", text), f"{name} contains what looks like a token"
+
+
+def test_license_file_matches_the_declared_license():
+    match = re.search(r'^license = \{ text = "([^"]+)" \}', (REPO / "pyproject.toml").read_text(), re.M)
+    assert match, "pyproject.toml declares no license"  # (tomllib is 3.11+; the package supports 3.10)
+    declared = match.group(1)
+    assert declared == "Apache-2.0"
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert f'org.opencontainers.image.licenses="{declared}"' in (REPO / "Dockerfile").read_text()

@@ -1,24 +1,84 @@
 """Two real training processes on CPU (gloo): the appliance's own launcher, shared caches,
-rank-0 outputs, and a SIGTERM that every rank obeys before resuming.
+rank-0 outputs, a SIGTERM that every rank obeys before resuming, and replicas that end with
+identical weights.
 
-Run: pytest tests/test_multiprocess.py   (~1 minute on 2 cores)
+Run: pytest tests/test_multiprocess.py   (~1-2 minutes on 2 cores)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import signal
+from pathlib import Path
 
+import torch
 from conftest import cli_env, run_cli, start_cli
+from safetensors.torch import load_file
 from test_checkpoints import Reader
 
 from sana_appliance import checkpoints
 
+# Test-only probe, loaded into every worker through PYTHONPATH (no hook in the package): when
+# sana_appliance.train is imported, Run.finish is wrapped so that each rank, after finishing,
+# writes a digest of the weights IT holds. Only rank 0 writes outputs, so this is the one way
+# to see rank 1's weights.
+REPLICA_PROBE = """
+import importlib.abc, importlib.util, os, sys
+from pathlib import Path
+
+
+def _patch(module):
+    original = module.Run.finish
+
+    def finish(self):
+        original(self)
+        from test_multiprocess import weights_digest
+
+        out = Path(os.environ["REPLICA_PROBE_DIR"]) / f"rank{self.accelerator.process_index}.sha256"
+        out.write_text(weights_digest(self.transformer.state_dict()))
+
+    module.Run.finish = finish
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "sana_appliance.train":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if os.environ.get("REPLICA_PROBE_DIR"):
+    sys.meta_path.insert(0, _Finder())
+"""
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 
 def test_two_processes_train_stop_and_resume(shared_workspace, tmp_path):
-    out = tmp_path / "out"
+    out, probe = tmp_path / "out", tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(REPLICA_PROBE)
     env = cli_env(shared_workspace, out, SANA_NUM_PROCESSES="2", SANA_MAX_TRAIN_STEPS="12", SANA_CHECKPOINTING_STEPS="4",
-                  SANA_VALIDATION_STEPS="0")
+                  SANA_VALIDATION_STEPS="0", REPLICA_PROBE_DIR=str(probe))
+    tests_dir = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(probe), tests_dir, env.get("PYTHONPATH")]))
     proc = start_cli(env)
     reader = Reader(proc)
     if not reader.wait_for("saved checkpoint-4", timeout=150):
@@ -38,7 +98,10 @@ def test_two_processes_train_stop_and_resume(shared_workspace, tmp_path):
     assert f"resumed from checkpoint-{valid[-1].step}" in done.stderr
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
     assert steps == list(range(1, 13))
-    # Only rank 0 writes outputs; both ranks trained the same replicated weights.
+    # Only rank 0 writes outputs; both ranks trained the same replicated weights, the ones exported.
     assert (out / "final" / "model_index.json").is_file() and (out / "run.json").is_file()
+    rank0, rank1 = (probe / "rank0.sha256").read_text(), (probe / "rank1.sha256").read_text()
+    assert rank0 == rank1, "the two ranks ended with different weights"
+    assert rank0 == weights_digest(load_file(out / "transformer.safetensors"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["samples_per_s"] > 0 for r in rows if "loss" in r)

@@ -13,18 +13,22 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 from sana_appliance import presets
+from sana_appliance.benchmarks.gpu import SANA_1600M_PARAMETERS, VRAM_BUDGET_GIB
 from sana_appliance.ema import EMA
 from sana_appliance.errors import ConfigError
 from sana_appliance.optimizers import (
     ExtendedPrecision,
     build_lr_scheduler,
     build_optimizer,
+    fixed_bytes_per_param,
     optimizer_state_bytes_per_param,
     weight_dtype,
 )
@@ -310,13 +314,43 @@ def test_state_bytes_table_matches_measured_state():
             assert measured == pytest.approx(optimizer_state_bytes_per_param(cfg), abs=0.01), (name, mixed)
 
 
-def test_lowest_vram_preset_fits_12_gb(tmp_path):
-    cfg = preset_config("lowest-vram", tmp_path)
-    assert weight_dtype(cfg) == torch.bfloat16
-    assert optimizer_state_bytes_per_param(cfg) <= 1.55
-    params = 1_604_462_752
-    fixed_gib = params * (2 + 2 + optimizer_state_bytes_per_param(cfg)) / 2**30
-    assert fixed_gib < 8.5  # + <1 GiB activations + CUDA context within 12 GB
+def _table_row(text: str, first_cell: str) -> str:
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"expected one table row for {first_cell}"
+    return rows[0]
+
+
+def test_documented_fixed_memory_matches_the_memory_model(tmp_path):
+    """Every "GiB fixed" figure of a GPU preset (README table, preset file, docs/recipe.md) is the
+    memory model's (optimizers.fixed_bytes_per_param x Sana 1.6B's parameters, to 0.1 GiB), and
+    lowest-vram's fixed memory + its documented activations leave the headroom docs/recipe.md
+    states within the 12 GiB the preset is for."""
+    root = Path(__file__).resolve().parent.parent
+    readme, recipe = (root / "README.md").read_text(), (root / "docs" / "recipe.md").read_text()
+    fixed_gib = {}
+    for name in ("lowest-vram", "24g", "multi-gpu"):
+        cfg = preset_config(name, tmp_path)
+        assert weight_dtype(cfg) == torch.bfloat16, name
+        fixed_gib[name] = SANA_1600M_PARAMETERS * fixed_bytes_per_param(cfg) / 2**30
+        preset = presets.load(name)
+        header = "\n".join(line for line in preset.path.read_text().splitlines() if line.startswith("#"))
+        documented = {
+            "README presets table": re.findall(r"~([\d.]+) GiB fixed", _table_row(readme, f"`{name}`")),
+            f"presets/{name}.yaml memory": re.findall(r"~([\d.]+) GiB fixed", preset.memory),
+            f"presets/{name}.yaml header": re.findall(r"~([\d.]+) GiB fixed", header),
+            "docs/recipe.md memory table": re.findall(r"\*\*([\d.]+) GiB\*\*", _table_row(recipe, f"`{name}`" + (
+                " (per GPU)" if name == "multi-gpu" else ""))),
+        }
+        for where, figures in documented.items():
+            assert figures and all(float(f) == round(fixed_gib[name], 1) for f in figures), (
+                f"{where} says {figures} GiB fixed for {name}; the memory model gives {fixed_gib[name]:.2f}")
+    activations = re.search(r"<([\d.]+) GiB activations", presets.load("lowest-vram").memory)
+    headroom = re.search(r"leaves ~([\d.]+) GiB of a ([\d.]+) GiB card", recipe)
+    assert activations and headroom
+    budget = float(headroom.group(2))
+    assert budget == VRAM_BUDGET_GIB
+    left = budget - fixed_gib["lowest-vram"] - float(activations.group(1))
+    assert round(left) == float(headroom.group(1)) and left > 2, left
 
 
 def test_weight_dtype_policy():

@@ -14,7 +14,8 @@ text embeddings, at the preset's batch size and gradient accumulation. One optim
 is what the engine does per step: micro-batches of forward + fp32 MSE + backward, gradient
 clipping, optimizer step, EMA update, zero_grad.
 
-Printed and written to --out (JSON) per preset: step time, samples/s, peak memory, MFU.
+Printed and written to --out (JSON) per preset: step time, samples/s, peak memory, MFU, and
+the fixed bytes the memory model predicts (``optimizers.fixed_bytes_per_param``) to compare.
 
 Memory: ``max_memory_allocated`` (PyTorch's allocator) misses what bitsandbytes' paged
 optimizer keeps in CUDA managed memory and the CUDA context, so the device-wide use
@@ -27,7 +28,7 @@ layers (per image token and block: q/k/v/out projections 4D^2, cross-attention q
 2D^2, GLUMBConv D*2H + 9*2H + H*D with H = mlp_ratio*D, linear-attention state 2*heads*d^2,
 cross-attention scores 2*D*T; per text token and block: cross k/v 2*D*Dc; plus patch
 embedding, caption projection and output head), times 2 FLOPs per MAC, times 3 for
-forward + backward = model FLOPs (8.90 TFLOP per 1024px sample, as in FACTS.md).
+forward + backward = model FLOPs (8.90 TFLOP per 1024px sample, docs/recipe.md).
 Recomputation adds one more forward of each checkpointed block: hardware FLOPs = model
 FLOPs + (checkpointed blocks / all blocks) x block forward FLOPs (~ +1/3 with full
 checkpointing). MFU = model FLOPs x samples/s / peak; HFU uses hardware FLOPs.
@@ -60,6 +61,7 @@ SANA_1600M = dict(
     num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
     mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=False,
 )
+SANA_1600M_PARAMETERS = 1_604_462_752  # of SANA_1600M (tested); the memory model's count
 SANA_1600M_INPUTS = {"latent_hw": 32, "text_tokens": 300}  # 1024px: 32x32 latents; 300 text tokens
 # A tiny config for checking this script's logic on CPU (--tiny).
 TINY = dict(
@@ -190,6 +192,7 @@ def bench_preset(name: str, model_config: dict, inputs: dict, *, steps: int, war
         "parameters": num_params, "weight_dtype": str(weight_dtype).replace("torch.", ""), "optimizer": cfg.optimizer,
         "batch_size": batch, "gradient_accumulation_steps": accumulation, "samples_per_step": samples_per_step,
         "checkpointed_blocks": recomputed, "num_blocks": model_config["num_layers"], "ema": cfg.use_ema,
+        "fixed_estimate_gib": num_params * optimizers.fixed_bytes_per_param(cfg) / GIB,  # the memory model
         "warmup_steps": warmup, "timed_steps": steps,
         "step_s_median": step_s, "step_s_mean": statistics.fmean(durations), "samples_per_s": samples_per_s,
         "model_tflop_per_sample": flops["model"] / 1e12, "hardware_tflop_per_sample": flops["hardware"] / 1e12,
@@ -225,10 +228,10 @@ def report(results: list[dict], tiny: bool) -> None:
         if "error" in r:
             print(f"  {r['preset']:<12} {r['error']}: " + " | ".join(r.get("log_tail", [])[-2:]))
             continue
-        memory = ""
+        memory = f"  fixed (memory model) {r['fixed_estimate_gib']:.2f} GiB"
         if "peak_allocated_gib" in r:
-            memory = (f"  peak allocated {r['peak_allocated_gib']:.2f} GiB, reserved {r['peak_reserved_gib']:.2f} GiB, "
-                      f"device used {r['device_used_gib']:.2f} GiB")
+            memory += (f", peak allocated {r['peak_allocated_gib']:.2f} GiB, reserved {r['peak_reserved_gib']:.2f} GiB, "
+                       f"device used {r['device_used_gib']:.2f} GiB")
         print(f"  {r['preset']:<12} batch {r['batch_size']}x{r['gradient_accumulation_steps']}  "
               f"{1000 * r['step_s_median']:8.1f} ms/step  {r['samples_per_s']:7.2f} samples/s  "
               f"MFU {100 * r['mfu']:5.1f}%  HFU {100 * r['hfu']:5.1f}%" + memory)
