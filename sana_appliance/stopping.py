@@ -71,6 +71,11 @@ class StopFlag:
     def error(self, detail: str, step: int | None = None) -> StopRequested:
         return StopRequested(self.name, exit_code(self.signum or signal.SIGTERM), step, detail)
 
+    def adopt(self, signum: int) -> None:
+        """A stop another rank received: this rank stops for it, and reports the same signal and code."""
+        if self.signum is None:
+            self.signum = signum
+
     def check(self) -> None:
         """This process's flag only (rank-0-only work such as export); see StopVote for ranks."""
         if self.requested:
@@ -122,8 +127,9 @@ class StopFlag:
 class StopVote:
     """Every rank reaches the same stop decision at the same point of a phase.
 
-    Each `poll` is one all-reduce of (stop requested here, work left here), so all ranks see
-    the same sums. A busy rank polls between work items (`check`); a rank whose work is done
+    Each `poll` is one all-reduce of (SIGTERM here, SIGINT here, work left here), so all ranks
+    see the same sums; a rank that received no signal adopts the others' (same message, same
+    exit code on every rank). A busy rank polls between work items (`check`); a rank whose work is done
     polls in `finish` until no rank is busy, which also makes `finish` the phase's barrier.
     Ranks therefore call all-reduce the same number of times whatever their share of work.
     """
@@ -138,10 +144,14 @@ class StopVote:
         import torch
         import torch.distributed as dist
 
-        votes = torch.tensor([float(self.flag.requested), float(busy)], device=self.device)
+        signum = self.flag.signum
+        votes = torch.tensor([float(signum == signal.SIGTERM), float(signum == signal.SIGINT), float(busy)],
+                             device=self.device)
         dist.all_reduce(votes)
-        stop, busy_any = votes.tolist()
-        return stop > 0, busy_any > 0
+        sigterm, sigint, busy_any = votes.tolist()
+        if sigterm or sigint:
+            self.flag.adopt(signal.SIGTERM if sigterm else signal.SIGINT)
+        return bool(sigterm or sigint), busy_any > 0
 
     def check(self) -> None:
         """Between two work items of a busy rank: raise Abandoned when any rank asked to stop."""

@@ -279,30 +279,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("launcher", ["appliance", "torchrun", "accelerate"])
+def worker_pid(launcher_pid: int, rank: int) -> int:
+    """The pid of the launcher's child with RANK=`rank` (Linux /proc)."""
+    for tid in os.listdir(f"/proc/{launcher_pid}/task"):
+        for pid in Path(f"/proc/{launcher_pid}/task/{tid}/children").read_text().split():
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"no worker with RANK={rank} under pid {launcher_pid}")
+
+
+@pytest.mark.parametrize("launcher", ["appliance", "appliance-rank1-only", "torchrun", "accelerate"])
 def test_sigterm_to_the_launcher_during_validation_stops_every_rank(launcher, shared_workspace, tmp_path):
-    """Rank 0 validates while rank 1 waits; SIGTERM to the launcher (or agent): the round is
-    abandoned, both ranks save checkpoint-4 together and every worker exits 143."""
+    """Rank 0 validates while rank 1 waits; SIGTERM to the launcher (or agent), or to rank 1
+    alone: the round is abandoned, both ranks save checkpoint-4 together and every worker exits 143."""
     out = tmp_path / "out"
     exit_log = tmp_path / "exits"
     env = cli_env(shared_workspace, out, SANA_MAX_TRAIN_STEPS="8", SANA_CHECKPOINTING_STEPS="8", SANA_VALIDATION_STEPS="4",
                   EXIT_LOG=str(exit_log), **slow_validation(tmp_path))
-    if launcher == "appliance":
+    if launcher.startswith("appliance"):
         env["SANA_NUM_PROCESSES"] = "2"
         proc = start_cli(env)
     else:
         proc = subprocess.Popen(launcher_command(launcher, free_port()), env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
     reader = Reader(proc)
-    signal_on(proc, reader, "validation at step 4: rendering", signal.SIGTERM)
+    if launcher == "appliance-rank1-only":  # e.g. one node of several preempted: rank 0 hears nothing itself
+        if not reader.wait_for("validation at step 4: rendering", timeout=240):
+            proc.kill()
+            pytest.fail(reader.text()[-4000:])
+        os.kill(worker_pid(proc.pid, 1), signal.SIGTERM)
+    else:
+        signal_on(proc, reader, "validation at step 4: rendering", signal.SIGTERM)
     code, log = wait_stopped(proc, reader)
     assert "validation at step 4 abandoned" in log, log[-4000:]
     assert len(images_of_step(out, 4)) < 3
     valid, invalid = checkpoints.list_checkpoints(out / "checkpoints")
     assert [r.step for r in valid] == [4] and not invalid, log[-4000:]
     assert checkpoints.load(valid[0])[2]["world_size"] == 2
-    if launcher == "appliance":
+    if launcher.startswith("appliance"):
         assert code == 143, log[-4000:]  # the launcher exits with its workers' code
+        assert log.count("stopped by SIGTERM at step 4") == 2  # both ranks, the unsignalled one too
     else:
         workers = sorted(exit_log.read_text().split("\n")[:-1])
         assert workers == ["0 143", "1 143"], log[-4000:]
