@@ -49,6 +49,7 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict = {}
         self._immediate: tuple[str, str] | None = None  # (phase, what the next start does)
+        self._announced = False
 
     def install(self) -> StopFlag:
         for sig in SIGNALS:
@@ -62,6 +63,12 @@ class StopFlag:
 
     @property
     def requested(self) -> bool:
+        if self.signum is not None and not self._announced:
+            # Logged here, not in the handler: a handler that writes to a stream the signal
+            # interrupted mid-write raises "reentrant call" (and logging prints a traceback).
+            self._announced = True
+            log.warning("received %s: stopping at the next safe point (a checkpoint is written if training "
+                        "progressed since the last one)", self.name)
         return self.signum is not None
 
     @property
@@ -75,6 +82,7 @@ class StopFlag:
         """A stop another rank received: this rank stops for it, and reports the same signal and code."""
         if self.signum is None:
             self.signum = signum
+            self._announced = True  # the rank that received it says so
 
     def check(self) -> None:
         """This process's flag only (rank-0-only work such as export); see StopVote for ranks."""
@@ -105,22 +113,20 @@ class StopFlag:
             self._exit_now(*outer)
 
     def _handle(self, signum, _frame) -> None:
-        first = self.signum is None
-        if first:
+        if self.signum is None:
             self.signum = signum
         if self._immediate is not None:
             self._exit_now(*self._immediate)
-        if first:
-            log.warning("received %s: stopping at the next safe point (a checkpoint is written if training "
-                        "progressed since the last one)", signal.Signals(signum).name)
 
     def _exit_now(self, phase: str, after: str) -> None:
         # os._exit, not an exception: downloads and uploads run in thread pools that an
         # exception would wait for (minutes for a large file), and there is nothing to save.
-        print(f"sana-appliance: stopped by {self.name} during {phase}; {after}", file=sys.stderr, flush=True)
-        for handler in logging.getLogger().handlers:
-            with contextlib.suppress(Exception):
-                handler.flush()
+        for stream in (*logging.getLogger().handlers, sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # e.g. the signal interrupted a write to that stream
+                stream.flush()
+        # os.write, not print: the handler may have interrupted a print on this very stream.
+        with contextlib.suppress(OSError):
+            os.write(2, f"sana-appliance: stopped by {self.name} during {phase}; {after}\n".encode())
         os._exit(int(exit_code(self.signum or signal.SIGTERM)))
 
 
@@ -144,7 +150,7 @@ class StopVote:
         import torch
         import torch.distributed as dist
 
-        signum = self.flag.signum
+        signum = self.flag.signum if self.flag.requested else None
         votes = torch.tensor([float(signum == signal.SIGTERM), float(signum == signal.SIGINT), float(busy)],
                              device=self.device)
         dist.all_reduce(votes)

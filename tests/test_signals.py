@@ -5,7 +5,7 @@ accelerate launch. Real processes, real signals, a real (stalling) HTTP server o
 Each test waits for the log line that says its phase started, then signals, so the phase is
 known; the slow phases are made slow with config (validation size, steps, prompts).
 
-Run: pytest tests/test_signals.py   (~2.5 minutes on 2 cores, 5.5 when they are busy; shares the session workspace)
+Run: pytest tests/test_signals.py   (~3 minutes on 2 cores, 5.5 when they are busy; shares the session workspace)
 """
 
 from __future__ import annotations
