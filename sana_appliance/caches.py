@@ -118,10 +118,12 @@ class TextEmbedCache(KeyedCache):
         batch_size: int,
         rank: int = 0,
         world_size: int = 1,
+        check: Callable[[], None] = lambda: None,
     ) -> None:
         """Encode every caption not yet cached (this rank's share) plus the empty caption.
 
-        `encode(captions)` returns (embeds, mask, empty_embeds, empty_mask) as SanaPipeline does."""
+        `encode(captions)` returns (embeds, mask, empty_embeds, empty_mask) as SanaPipeline does.
+        `check` runs before each batch and raises to abandon (a stop request)."""
         unique = sorted(set(captions))
         # Shares come from the full sorted list, not from what is missing: ranks look at the
         # disk at different moments, and a share computed from "missing" could skip entries.
@@ -133,6 +135,7 @@ class TextEmbedCache(KeyedCache):
         if not mine and need_empty:
             mine = [unique[0] if unique else ""]
         for start in range(0, len(mine), batch_size):
+            check()
             chunk = mine[start:start + batch_size]
             embeds, mask, empty_embeds, empty_mask = encode(chunk)
             for caption, e, m in zip(chunk, embeds, mask):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__, preflight, runlock
 from . import presets as presets_mod
-from .errors import ApplianceError, ConfigError, ExitCode
+from .errors import ApplianceError, ConfigError, ExitCode, StopRequested
 from .resolve import CliArgs, Resolved, resolve_collecting
 
 log = logging.getLogger("sana_appliance")
@@ -173,13 +173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                 count = process_count(resolved.config.num_processes)
                 if count > 1:
                     return launch(count, argv, dict(os.environ))
-            from .train import train  # heavy imports only when training
+            from .stopping import StopFlag
 
-            train(resolved)
+            # Installed before the heavy imports, so a stop at any moment exits 143/130 with a message.
+            stop = StopFlag().install()
+            try:
+                with stop.immediate("startup", "nothing to save yet"):
+                    from .train import train  # heavy imports only when training
+                train(resolved, stop)
+            finally:
+                stop.restore()
             return ExitCode.OK
         finally:
             if lock is not None:
                 lock.release()
+    except StopRequested as exc:
+        print(f"sana-appliance: {exc.message}", file=sys.stderr)
+        return int(exc.exit_code)
     except ApplianceError as exc:
         print(f"sana-appliance: error: {exc.message}", file=sys.stderr)
         return int(exc.exit_code)

@@ -15,8 +15,8 @@ class ExitCode(enum.IntEnum):
     ASSET = 3  # a model or dataset could not be fetched (auth, 404, network)
     DATA = 4  # the dataset is unusable, or the disk cannot hold the run
     DIVERGED = 5  # training produced non-finite values too many steps in a row
-    SIGINT = 130  # stopped by SIGINT after saving a checkpoint
-    SIGTERM = 143  # stopped by SIGTERM after saving a checkpoint
+    SIGINT = 130  # stopped by SIGINT (after saving a checkpoint when training progressed)
+    SIGTERM = 143  # stopped by SIGTERM (likewise)
 
 
 class ApplianceError(Exception):
@@ -61,9 +61,9 @@ class DivergedError(ApplianceError):
 
 
 class StopRequested(ApplianceError):
-    """A stop signal arrived; a checkpoint was written before raising this."""
+    """A stop signal arrived; `detail` says in which phase and what was saved (stopping.py)."""
 
-    def __init__(self, signal_name: str, exit_code: ExitCode, step: int):
+    def __init__(self, signal_name: str, exit_code: ExitCode, step: int | None, detail: str):
         self.exit_code = exit_code
         self.step = step
-        super().__init__(f"stopped by {signal_name} at step {step} after saving a checkpoint")
+        super().__init__(f"stopped by {signal_name} {detail}")

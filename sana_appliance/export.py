@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,13 +26,19 @@ def export_final(
     parts,
     card: str,
     sample_images: list[Path],
+    check: Callable[[], None] = lambda: None,
 ) -> Path:
     """Write output/final/ (pipeline; EMA weights in the transformer when EMA is on) atomically,
-    plus output/transformer.safetensors and output/transformer_ema.safetensors."""
+    plus output/transformer.safetensors and output/transformer_ema.safetensors.
+
+    `check` runs between files (the text encoder alone is GBs); when it raises, the temp folder
+    is removed and final/ stays as it was (absent, or the previous export)."""
     meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config), default=str)}
     trained = transformer.state_dict()
+    check()
     atomic_save_safetensors(trained, output_dir / "transformer.safetensors", meta)
     if ema_state is not None:
+        check()
         atomic_save_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)
 
     backup = None
@@ -41,22 +48,29 @@ def export_final(
         assert not unexpected, unexpected
     final = output_dir / "final"
     tmp = Path(tempfile.mkdtemp(prefix=".final.", dir=output_dir))
+
+    def copy_file(source, dest):
+        check()
+        return shutil.copy2(source, dest)
+
     try:
         # The frozen parts are copied byte for byte from the base model folder: exact, and
         # no need to bring the text encoder back into memory.
         for name in COPIED_PARTS:
             source = parts.path / name
             if source.is_dir():
-                shutil.copytree(source, tmp / name)
+                shutil.copytree(source, tmp / name, copy_function=copy_file)
             elif source.is_file():
-                shutil.copy2(source, tmp / name)
+                copy_file(source, tmp / name)
+        check()
         transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         samples = tmp / "samples"
         samples.mkdir()
         for image in sample_images:
-            shutil.copy2(image, samples / image.name)
+            copy_file(image, samples / image.name)
         (tmp / "README.md").write_text(card, encoding="utf-8")
         make_readable(tmp)
+        check()  # the last point to abandon: from here final/ is replaced as one rename
         if final.exists():
             old = output_dir / ".final.old"
             shutil.rmtree(old, ignore_errors=True)

@@ -75,6 +75,9 @@ def launch(count: int, argv: Sequence[str], env: dict[str, str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # A worker the signal reached before its handler was installed (during interpreter start)
+    # dies of it: the job was still stopped by that signal, and says so (128 + signal number).
+    codes = [128 - c if c in (-signal.SIGTERM, -signal.SIGINT) else c for c in codes]
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0

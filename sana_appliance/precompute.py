@@ -5,11 +5,16 @@ the VAE encodes missing latents and then leaves the accelerator (validation move
 briefly to decode). With several processes each rank encodes its share of the FULL list
 (not of what it sees missing, which differs between ranks looking at the disk at different
 moments), then all ranks meet at a barrier.
+
+A stop request is checked before every batch; every rank then abandons its share and
+`prepare` raises Abandoned on all ranks together (StopVote: the vote is also the barrier).
+Entries are atomic, so what was written stays valid for the next start.
 """
 
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +22,9 @@ from pathlib import Path
 import torch
 
 from . import caches, models, validation
+from .stopping import Abandoned, StopVote
+
+log = logging.getLogger("sana_appliance.precompute")
 
 
 class CachedDataset(torch.utils.data.Dataset):
@@ -53,7 +61,7 @@ class Prepared:
 
 
 def prepare(cfg, parts, plan, eval_samples, *, device: torch.device, compute_dtype: torch.dtype, rank: int,
-            world: int, barrier: Callable[[], None]) -> Prepared:
+            world: int, vote: StopVote) -> Prepared:
     encoding = caches.TextEncoding(
         encoder_identity=f"{parts.identity}|text_encoder:{cfg.text_encoder_1_precision}",
         max_length=cfg.tokenizer_max_length, dtype=str(compute_dtype),
@@ -63,9 +71,8 @@ def prepare(cfg, parts, plan, eval_samples, *, device: torch.device, compute_dty
     prompts = validation.load_prompts(cfg) if cfg.validation_steps else {}
     captions = [s.caption for s in plan.samples + eval_samples] + list(prompts.values())
     negatives = [cfg.validation_negative_prompt] if cfg.validation_negative_prompt and prompts else []
-    _fill_text_cache(text_cache, captions, negatives, cfg, parts, plan.text_embeds.write_batch_size, device,
-                     compute_dtype, rank, world)
-    barrier()
+    _phase(vote, lambda: _fill_text_cache(text_cache, captions, negatives, cfg, parts, plan.text_embeds.write_batch_size,
+                                          device, compute_dtype, rank, world, vote.check))
     gc.collect()
 
     latent_encoding = caches.LatentEncoding(parts.identity, float(parts.vae.config.scaling_factor))
@@ -73,9 +80,8 @@ def prepare(cfg, parts, plan, eval_samples, *, device: torch.device, compute_dty
     latent_keys = [latent_caches[s.backend_id].key_for(s) for s in plan.samples]
     eval_keys = [latent_caches[s.backend_id].key_for(s) for s in eval_samples]
     if not cfg.vae_cache_disable:
-        _fill_latents(latent_caches, plan.samples + eval_samples, latent_keys + eval_keys, parts.vae,
-                      cfg.vae_batch_size, device, rank, world)
-    barrier()
+        _phase(vote, lambda: _fill_latents(latent_caches, plan.samples + eval_samples, latent_keys + eval_keys, parts.vae,
+                                           cfg.vae_batch_size, device, rank, world, vote.check))
     if not cfg.vae_cache_disable:
         parts.vae.to("cpu")  # needed again only to decode validation images
     stats = {"text_hits": text_cache.stats.hits, "text_encoded": text_cache.stats.misses,
@@ -84,7 +90,18 @@ def prepare(cfg, parts, plan, eval_samples, *, device: torch.device, compute_dty
     return Prepared(text_cache, latent_caches, latent_keys, eval_keys, prompts, stats)
 
 
-def _fill_text_cache(cache, captions, negatives, cfg, parts, batch_size, device, compute_dtype, rank, world) -> None:
+def _phase(vote: StopVote, work: Callable[[], None]) -> None:
+    """Run this rank's share, then wait for every rank; Abandoned on all ranks when any asked to stop."""
+    try:
+        work()
+    except Abandoned:
+        pass
+    if vote.finish():
+        raise Abandoned
+
+
+def _fill_text_cache(cache, captions, negatives, cfg, parts, batch_size, device, compute_dtype, rank, world,
+                     check: Callable[[], None]) -> None:
     missing = [c for c in set(captions) if not cache.has(cache.key(c))]
     missing_neg = [n for n in negatives if not cache.has(cache.negative_key(n))]
     if not missing and not missing_neg and cache.has(cache.empty_key()):
@@ -92,6 +109,7 @@ def _fill_text_cache(cache, captions, negatives, cfg, parts, batch_size, device,
         return
     from diffusers import SanaPipeline
 
+    log.info("caching text embeddings: %d caption(s) to encode", len(missing) + len(missing_neg))
     text_encoder = models.load_text_encoder(parts.path, cfg, device)
     pipe = SanaPipeline(tokenizer=parts.tokenizer, text_encoder=text_encoder, vae=None, transformer=None, scheduler=None)
     instruction = list(cache.encoding.instruction) if cache.encoding.instruction else None
@@ -103,14 +121,16 @@ def _fill_text_cache(cache, captions, negatives, cfg, parts, batch_size, device,
                                           complex_human_instruction=instruction)
         return e.to(compute_dtype), m, ne.to(compute_dtype), nm
 
-    cache.fill(captions, encode, batch_size, rank, world)
+    cache.fill(captions, encode, batch_size, rank, world, check=check)
     if rank == 0:
         for negative in missing_neg:
+            check()
             _, _, ne, nm = encode([negative], negative)
             cache.write(cache.negative_key(negative), ne[0], nm[0], negative)
 
 
-def _fill_latents(latent_caches, samples, keys, vae, vae_batch_size: int, device, rank: int, world: int) -> None:
+def _fill_latents(latent_caches, samples, keys, vae, vae_batch_size: int, device, rank: int, world: int,
+                  check: Callable[[], None]) -> None:
     from .images import load_pixels
 
     vae = vae.to(device)
@@ -129,8 +149,12 @@ def _fill_latents(latent_caches, samples, keys, vae, vae_batch_size: int, device
     by_size: dict[tuple, list[int]] = {}
     for index in mine:
         by_size.setdefault(samples[index].size, []).append(index)
+    missing = sum(c.stats.misses for c in latent_caches.values())
+    if missing and rank == 0:
+        log.info("caching latents: %d image(s) to encode", missing)
     for indices in by_size.values():
         for start in range(0, len(indices), vae_batch_size):
+            check()
             chunk = indices[start:start + vae_batch_size]
             pixels = torch.stack([load_pixels(samples[i]) for i in chunk]).to(device, torch.float32)
             with torch.no_grad():

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from . import checkpoints, models, precompute, runinfo, tracking, validation
-from .errors import ConfigError, DataError, DivergedError, ExitCode, StopRequested
+from .errors import ApplianceError, ConfigError, DataError, DivergedError
 from .flow import FlowSchedule
 from .precompute import CachedDataset
 from .resolve import Resolved
 from .schema import BUILTIN_DATASET
+from .stopping import Abandoned, StopFlag, StopVote
 
 log = logging.getLogger("sana_appliance.train")
 
@@ -39,35 +40,15 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class StopFlag:
-    """Records the first SIGTERM/SIGINT; the loop checks it between steps."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signum is None:
-            log.warning("received %s: finishing this step, then saving a checkpoint", signal.Signals(signum).name)
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Run:
-    def __init__(self, resolved: Resolved):
+    def __init__(self, resolved: Resolved, stop: StopFlag):
         self.resolved = resolved
         self.cfg = resolved.config
         self.output_dir = Path(self.cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
         self.timings: dict[str, float] = {}
-        self.stop = StopFlag()
+        self.stop = stop  # installed by the caller, before setup (stopping.py)
+        self._vote: StopVote | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -151,7 +132,7 @@ class Run:
         checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
 
         self.step, self.batches_consumed, self.tracker_run_id, self.last_saved_step = 0, 0, None, None
-        self.nonfinite_total, self.eval_first = 0, None
+        self.nonfinite_total, self.eval_first, self.eval_logged = 0, None, (-1, None)
         self._resume()
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.step, self.tracker_run_id,
                                       self.resolved.hub.wandb_mode, self.is_main)
@@ -172,10 +153,18 @@ class Run:
                             "instance_data_dir (relative paths resolve against WORKSPACE).")
 
     def _fill_caches(self) -> None:
-        """Encode every caption and image not yet cached; then the frozen parts leave the accelerator."""
-        prepared = precompute.prepare(self.cfg, self.parts, self.plan, self.eval_samples, device=self.device,
-                                      compute_dtype=self.compute_dtype, rank=self.accelerator.process_index,
-                                      world=self.world, barrier=self.accelerator.wait_for_everyone)
+        """Encode every caption and image not yet cached; then the frozen parts leave the accelerator.
+
+        Checks for a stop per batch: entries are atomic, so the run just stops, and the next
+        start finds what was written here."""
+        try:
+            with self.stop.deferred():
+                prepared = precompute.prepare(self.cfg, self.parts, self.plan, self.eval_samples, device=self.device,
+                                              compute_dtype=self.compute_dtype, rank=self.accelerator.process_index,
+                                              world=self.world, vote=self.vote)
+        except Abandoned:
+            raise self.stop.error("while filling the caches: nothing to save (cache entries already written are "
+                                  "complete and are reused by the next start)") from None
         self.text_cache, self.latent_caches, self.prompts = prepared.text_cache, prepared.latent_caches, prepared.prompts
         self.latent_keys, self.eval_keys, self.cache_stats = prepared.latent_keys, prepared.eval_keys, prepared.stats
         if self.is_main:
@@ -359,10 +348,10 @@ class Run:
             return {}
         embeds = validation.encode_validation_prompts(self.prompts, self.text_cache)
         context = self.ema.swapped_into(self.transformer) if self.ema is not None else _nullcontext()
-        with context:
+        with context:  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=self.transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
-                                             device=self.device, dtype=self.weight_dtype)
+                                             device=self.device, dtype=self.weight_dtype, check=self.vote.check)
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -371,11 +360,11 @@ class Run:
         self.empty = self.text_cache.load(self.text_cache.empty_key())
         negative = self.cfg.validation_negative_prompt
         self.negative = self.text_cache.load(self.text_cache.negative_key(negative)) if negative and self.prompts else self.empty
-        self.stop.install()
         eval_now = self.eval_loss()
         if self.eval_first is None:  # the first run's start: a resumed run keeps reporting it
             self.eval_first = {"step": self.step, "value": eval_now}
         self.eval_start = self.eval_first["value"]
+        self.eval_logged = (self.step, eval_now)
         if self.is_main:
             log.info("held-out eval loss at step %d: %.5f", self.step, eval_now)
             self.tracker.log(self.step, {"eval_loss": eval_now})
@@ -434,47 +423,67 @@ class Run:
             if self.step % cfg.checkpointing_steps == 0 and self.step < self.max_steps:
                 self._save_checkpoint()
             if cfg.validation_steps and self.step % cfg.validation_steps == 0 and self.step < self.max_steps:
-                self._validation_round()
-            if self._stop_requested():
+                self._validation_round()  # a stop abandons it; the vote below then stops every rank
+            if self.vote.agree():
                 bar.close()
-                self._save_checkpoint()
-                sig = self.stop.signum or signal.SIGTERM
-                code = ExitCode.SIGINT if sig == signal.SIGINT else ExitCode.SIGTERM
-                raise StopRequested(signal.Signals(sig).name, code, self.step)
+                raise self._stop_training()
         bar.close()
         self.timings["train_s"] = time.monotonic() - t_loop
 
-    def _validation_round(self) -> None:
-        images = self._validate() if self.is_main else {}
-        if self.is_main:
-            eval_now = self.eval_loss()
-            self.tracker.log(self.step, {"eval_loss": eval_now})
-            self.tracker.log_images(self.step, images)
-        self.accelerator.wait_for_everyone()
+    @property
+    def vote(self) -> StopVote:
+        if self._vote is None:
+            self._vote = StopVote(self.stop, self.world, self.device)
+        return self._vote
 
-    def _stop_requested(self) -> bool:
-        local = self.stop.signum is not None
-        if self.world == 1:
-            return local  # no tensor, no device sync
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)  # all ranks agree
+    def _stop_training(self) -> ApplianceError:
+        """Every rank, together: checkpoint unsaved progress; the StopRequested to raise."""
+        if self.step > (self.last_saved_step or 0):
+            self._save_checkpoint()
+            return self.stop.error(f"at step {self.step} after saving checkpoint-{self.step}", self.step)
+        saved = f"checkpoint-{self.step} was already saved" if self.step else "no training step had run, nothing to save"
+        return self.stop.error(f"at step {self.step}; {saved}", self.step)
+
+    def _validation_round(self) -> bool:
+        """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
+        the round at the next sampler step (no images of it are logged). All ranks return the
+        same answer: True when a stop was requested."""
+        if self.is_main:
+            log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.prompts))
+            try:
+                images = self._validate()
+                self.vote.check()
+                eval_now = self.eval_loss()
+                self.tracker.log(self.step, {"eval_loss": eval_now})
+                self.eval_logged = (self.step, eval_now)
+                self.tracker.log_images(self.step, images)
+            except Abandoned:
+                log.warning("validation at step %d abandoned: a stop was requested", self.step)
+        return self.vote.finish()
 
     # ------------------------------------------------------------ finish
 
     def finish(self) -> None:
+        """Save the final step, validate, export. From the save on, a stop loses nothing: the
+        next start resumes at the final step and redoes only validation and export."""
         from . import export
 
         cfg = self.cfg
         if self.last_saved_step != self.step:
             self._save_checkpoint()
-        if cfg.validation_steps:
-            self._validation_round()
-        self.eval_end = self.eval_loss()
+        redo = (f"checkpoint-{self.step} holds the final weights: the next start validates and exports "
+                "again without training")
+        if cfg.validation_steps and self._validation_round():
+            raise self.stop.error(f"during the final validation; {redo}", self.step)
         if not self.is_main:
             return
+        if self.eval_logged[0] == self.step:  # the final validation round just measured it
+            self.eval_end = self.eval_logged[1]
+        else:
+            self.eval_end = self.eval_loss()
+            self.tracker.log(self.step, {"eval_loss": self.eval_end})
         log.info("held-out eval loss: %.5f at step %d (start) -> %.5f at step %d", self.eval_start, self.eval_first["step"],
                  self.eval_end, self.step)
-        self.tracker.log(self.step, {"eval_loss": self.eval_end})
         config = self.resolved.redacted()
         datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
         samples = validation.latest_images(self.output_dir / "validation")
@@ -482,8 +491,11 @@ class Run:
                                  samples=[p.name for p in samples],
                                  eval_loss=self._eval_summary())
         ema_state = self.ema.to_state_dict_for_export(self.weight_dtype) if self.ema is not None else None
-        export.export_final(output_dir=self.output_dir, transformer=self.transformer, ema_state=ema_state,
-                            parts=self.parts, card=card, sample_images=samples)
+        try:
+            export.export_final(output_dir=self.output_dir, transformer=self.transformer, ema_state=ema_state,
+                                parts=self.parts, card=card, sample_images=samples, check=self.stop.check)
+        except Abandoned:
+            raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
         runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
                       timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
                                                    "caches": self.cache_stats, "skipped_steps": self.nonfinite_total})
@@ -492,8 +504,7 @@ class Run:
         return {"start": self.eval_start, "start_step": self.eval_first["step"], "end": self.eval_end, "end_step": self.step}
 
     def close(self) -> None:
-        self.stop.restore()
-        tracker = getattr(self, "tracker", None)
+        tracker, self.tracker = getattr(self, "tracker", None), None
         if tracker is not None:
             tracker.close()
 
@@ -518,42 +529,77 @@ def _dataset_summary(backend_id: str, samples: list) -> dict:
     return {"id": backend_id, "samples": len(samples), "fingerprint": digest.hexdigest()}
 
 
-def train(resolved: Resolved) -> None:
+UPLOAD_STOPPED = f"the upload is recorded as pending in {runinfo.COMPLETE_MARKER}: the next start uploads again (without training)"
+
+
+def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
+    """The whole job. `stop` is the installed StopFlag (the CLI installs it before the heavy imports)."""
+    owned = stop is None
+    stop = stop or StopFlag().install()
+    try:
+        if not _finish_earlier_run(resolved, stop):
+            _train_and_publish(resolved, stop)
+    finally:
+        if owned:
+            stop.restore()
+
+
+def _finish_earlier_run(resolved: Resolved, stop: StopFlag) -> bool:
+    """True when this output already holds the finished job: nothing to do, or only its upload."""
     from . import upload
 
     cfg = resolved.config
     output_dir = Path(cfg.output_dir)
     record = runinfo.completion_record(output_dir, cfg)
-    if record is not None:
-        done = record["step"]
-        if not upload.wanted(resolved, record.get("upload")):
-            # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
-            log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
-                     "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
-            pushed = record.get("upload")
-            if isinstance(pushed, dict) and pushed.get("status") == "uploaded":
-                log.info("final/ is on the Hub: %s at %s (commit %s)", pushed.get("repo"), pushed.get("endpoint"),
-                         pushed.get("commit"))
-            elif isinstance(pushed, dict):
-                log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
-                            pushed.get("status"))
-            return
-        problems = upload.check_final(output_dir / "final")
-        if not problems:
-            if resolved.worker_rank in (None, 0):  # rank 0 uploads; other workers have nothing to do
-                log.info("this run already finished at step %d; uploading %s without retraining or re-exporting",
-                         done, output_dir / "final")
-                _publish(resolved, output_dir, done)
-            return
+    if record is None:
+        return False
+    done = record["step"]
+    if not upload.wanted(resolved, record.get("upload")):
+        # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
+        log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
+                 "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
+        pushed = record.get("upload")
+        if isinstance(pushed, dict) and pushed.get("status") == "uploaded":
+            log.info("final/ is on the Hub: %s at %s (commit %s)", pushed.get("repo"), pushed.get("endpoint"),
+                     pushed.get("commit"))
+        elif isinstance(pushed, dict):
+            log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
+                        pushed.get("status"))
+        return True
+    problems = upload.check_final(output_dir / "final")
+    if problems:
         log.warning("this run finished at step %d but its export is incomplete (%s): exporting it again from the "
                     "last checkpoint before uploading", done, "; ".join(problems))
-    run = Run(resolved)
+        return False
+    if resolved.worker_rank in (None, 0):  # rank 0 uploads; other workers have nothing to do
+        log.info("this run already finished at step %d; uploading %s without retraining or re-exporting",
+                 done, output_dir / "final")
+        with stop.immediate("the Hub upload", UPLOAD_STOPPED):
+            _publish(resolved, output_dir, done)
+    return True
+
+
+def _train_and_publish(resolved: Resolved, stop: StopFlag) -> None:
+    run = Run(resolved, stop)
     try:
-        run.setup()
+        # Nothing to save until training starts; caching runs deferred inside (it checks per batch).
+        with stop.immediate("setup (download, model load, dataset scan)", "nothing to save yet"):
+            run.setup()
         run.train()
         run.finish()
+        run.close()  # trackers flushed before the upload, which a signal may end abruptly
         if run.is_main:
-            _publish(resolved, run.output_dir, run.step)
+            with stop.immediate("the Hub upload", UPLOAD_STOPPED):
+                _publish(resolved, run.output_dir, run.step)
+    except ApplianceError:
+        raise
+    except Exception as exc:
+        if not stop.requested:
+            raise
+        # E.g. a peer rank that stopped first closed the process group under this one: the
+        # stop, not this error, is what happened.
+        log.warning("after the stop request: %s: %s", type(exc).__name__, exc)
+        raise stop.error("while the other processes were stopping") from None
     finally:
         run.close()
 

@@ -10,6 +10,7 @@ so the training RNG streams are untouched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +52,12 @@ def run_validation(
     out_dir: Path,
     device: torch.device,
     dtype: torch.dtype,
+    check: Callable[[], None] = lambda: None,
 ) -> dict[str, object]:
-    """Generate every prompt at every validation resolution. Returns {name: PIL image}."""
+    """Generate every prompt at every validation resolution. Returns {name: PIL image}.
+
+    `check` runs before each image and after each sampler step; it raises to abandon the
+    round (a stop request), leaving only the images finished before it."""
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,12 +68,18 @@ def run_validation(
     transformer.eval()
     pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=parts.vae, transformer=transformer, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
+
+    def after_step(_pipe, _step, _timestep, tensors):
+        check()
+        return tensors
+
     images = {}
     devices = [device.index] if device.type == "cuda" and device.index is not None else []
     try:
         with torch.random.fork_rng(devices=devices):
             for width, height in parse_resolutions(cfg.validation_resolution):
                 for item in prompts:
+                    check()
                     generator = torch.Generator("cpu").manual_seed(cfg.validation_seed)
                     latents = torch.randn(
                         (1, transformer.config.in_channels, height // parts.vae_scale_factor, width // parts.vae_scale_factor),
@@ -84,6 +95,7 @@ def run_validation(
                         num_inference_steps=cfg.validation_num_inference_steps,
                         height=height, width=width, latents=latents,
                         use_resolution_binning=False, output_type="pil",
+                        callback_on_step_end=after_step, callback_on_step_end_tensor_inputs=[],
                     )
                     image = result.images[0]
                     name = image_name(step, item.nickname, width, height)

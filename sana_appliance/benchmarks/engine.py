@@ -66,6 +66,7 @@ class StepClock:
 def build_run(workspace: Path, total_steps: int, workers: int):
     """A demo-preset Run with caches filled, validation and periodic checkpoints disabled."""
     from sana_appliance.resolve import CliArgs, resolve
+    from sana_appliance.stopping import StopFlag
     from sana_appliance.train import Run
 
     workspace.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def build_run(workspace: Path, total_steps: int, workers: int):
         "SANA_CHECKPOINTING_STEPS": str(total_steps), "SANA_VALIDATION_STEPS": "0",
         "SANA_DATALOADER_NUM_WORKERS": str(workers), "SANA_LOGGING_STEPS": "1",
     }
-    run = Run(resolve(env, CliArgs()))
+    run = Run(resolve(env, CliArgs()), StopFlag())  # not installed: a benchmark has no stop to honour
     run.setup()
     return run
 
@@ -95,7 +96,6 @@ def engine_segment(run, steps: int) -> list[float]:
         run.train()
     finally:
         run.tracker = clock.inner
-        run.stop.restore()  # train() installs its signal handlers on every call
     ends = [clock.times[s] for s in sorted(clock.times)]
     return [b - a for a, b in zip(ends, ends[1:])]
 
