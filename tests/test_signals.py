@@ -246,10 +246,12 @@ def test_stop_during_upload_exits_143_and_the_next_start_uploads_again(shared_wo
             code, log = wait_stopped(proc, reader)
             assert code == 143, log[-3000:]
             assert "stopped by SIGTERM during the Hub upload" in log and "Traceback" not in log
-            assert not (out / "TRAINING_COMPLETE.json").exists()
+            record = json.loads((out / "TRAINING_COMPLETE.json").read_text())
+            assert record["step"] == 4 and record["upload"]["status"] == "pending"  # the upload is still owed
             assert (out / "final" / "model_index.json").is_file()
-            if attempt == 2:  # the restart did not train again: it went straight to the upload
-                assert "resumed from checkpoint-4" in log and "saved checkpoint" not in log
+            if attempt == 2:  # the restart did not train or export again: it went straight to the upload
+                assert "without retraining or re-exporting" in log and "saved checkpoint" not in log
+                assert "exported the fine-tuned pipeline" not in log
         assert all(" /api/" in r for r in hub.requests), hub.requests  # Hub API calls of the upload, nothing else
     finally:
         hub.close()
