@@ -161,14 +161,19 @@ def verify(ref: CheckpointRef) -> list[str]:
             if f.is_file() and f.name != MARKER:
                 problems += _structural_problems(f)
         return problems
+    if not isinstance(files, dict):
+        return [f"{MARKER}: its file list is not readable"]
     for name, expected in sorted(files.items()):
         f = ref.path / name
-        if not f.is_file():
-            problems.append(f"{name}: missing")
-        elif f.stat().st_size != expected["bytes"]:
-            problems.append(f"{name}: {f.stat().st_size} bytes, {expected['bytes']} were written (truncated?)")
-        elif _digest(f) != expected["xxh3_128"]:
-            problems.append(f"{name}: contents changed since it was written (checksum mismatch)")
+        try:
+            if not f.is_file():
+                problems.append(f"{name}: missing")
+            elif f.stat().st_size != expected["bytes"]:
+                problems.append(f"{name}: {f.stat().st_size} bytes, {expected['bytes']} were written (truncated?)")
+            elif _digest(f) != expected["xxh3_128"]:
+                problems.append(f"{name}: contents changed since it was written (checksum mismatch)")
+        except (OSError, KeyError, TypeError) as exc:  # a bad disk, a file we may not read, a mangled marker
+            problems.append(f"{name}: unreadable ({exc.__class__.__name__}: {exc})")
     return problems
 
 
@@ -179,8 +184,13 @@ def quarantine(ref: CheckpointRef, problems: list[str]) -> Path:
     while target.exists():
         target = ref.path.with_name(f"{ref.path.name}{DAMAGED_SUFFIX}-{n}")
         n += 1
-    os.replace(ref.path, target)
-    fsync_path(ref.path.parent)
+    try:
+        os.replace(ref.path, target)
+        fsync_path(ref.path.parent)
+    except OSError as exc:  # a read-only volume: the folder stays, and the next start checks it again
+        log.warning("%s is damaged (%s) and could not be moved aside (%s); skipping it", ref.path.name,
+                    "; ".join(problems), exc.strerror)
+        return ref.path
     try:
         (target / "DAMAGED.json").write_text(json.dumps({"problems": problems}, indent=2))
     except OSError:
@@ -190,12 +200,17 @@ def quarantine(ref: CheckpointRef, problems: list[str]) -> Path:
     return target
 
 
+def starts_fresh(setting: str) -> bool:
+    """True when `resume_from_checkpoint` asks for no resume at all."""
+    return setting.strip().lower() in ("none", "false", "")
+
+
 def find_resume(setting: str, root: Path) -> CheckpointRef | None:
     """Which checkpoint `resume_from_checkpoint` designates (None: start fresh).
 
     `latest` verifies the newest marked checkpoint and falls back, oldest last, past any
     damaged one (each moved aside). An explicit path that is damaged is a config error."""
-    if setting.lower() in ("none", "false", ""):
+    if starts_fresh(setting):
         return None
     if setting.lower() == "latest":
         valid, invalid = list_checkpoints(root)
@@ -309,7 +324,7 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
         if old == new or key in ("output_dir", "resume_from_checkpoint"):
             continue
         if key in INCOMPATIBLE_KEYS:
-            errors.append(f"{key}: checkpoint has {old!r}, config now says {new!r}")
+            errors.append(f"{key}: checkpoint has {old!r}, config now says {new!r}; set {key} back to {old!r}")
         else:
             how = REAPPLIED_KEYS.get(key, "used from here on")
             notes.append(f"{key}: checkpoint {old!r} -> now {new!r} ({how})")

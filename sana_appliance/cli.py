@@ -172,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 count = process_count(resolved.config.num_processes)
                 if count > 1:
-                    return launch(count, argv, dict(os.environ))
+                    return launch(count, argv, dict(os.environ), inherit_fds=(lock.fd,))
             from .stopping import StopFlag
 
             # Installed before the heavy imports, so a stop at any moment exits 143/130 with a message.

@@ -39,15 +39,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(count: int, argv: Sequence[str], env: dict[str, str]) -> int:
-    """Run `python -m sana_appliance ARGV` `count` times as one job; return the job's exit code."""
+def launch(count: int, argv: Sequence[str], env: dict[str, str], inherit_fds: Sequence[int] = ()) -> int:
+    """Run `python -m sana_appliance ARGV` `count` times as one job; return the job's exit code.
+
+    ``inherit_fds`` (the output folder's lock) stay open in every worker: the lock then holds
+    until the last process of the job is gone, even if the launcher itself is killed."""
     port = str(_free_port())
     workers = []
     for rank in range(count):
         worker_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(count),
                       "LOCAL_WORLD_SIZE": str(count), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
                       "APPLIANCE_LAUNCHER_PID": str(os.getpid())}
-        workers.append(subprocess.Popen([sys.executable, "-m", "sana_appliance", *argv], env=worker_env))
+        workers.append(subprocess.Popen([sys.executable, "-m", "sana_appliance", *argv], env=worker_env,
+                                        pass_fds=tuple(inherit_fds)))
     log.info("launched %d training processes", count)
 
     def forward(signum, _frame):

@@ -202,18 +202,25 @@ def _nf4_error(what: str, exc: BaseException) -> ConfigError:
     return ConfigError(f"text_encoder_1_precision='nf4-bnb': {what} ({type(exc).__name__}: {detail}). Fix: {_NF4_FIX}")
 
 
-def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
-    """Gemma-2 in bitsandbytes nf4. Every way this fails (bitsandbytes missing, a build
-    without this machine's kernels, a CPU kernel that refuses the layer shapes) becomes a
-    ConfigError naming the key and the fix, at load time rather than mid-caching."""
-    from transformers import BitsAndBytesConfig, Gemma2Model
-
+def import_bitsandbytes_for_nf4():
+    """bitsandbytes, or the ConfigError that text_encoder_1_precision=nf4-bnb cannot work here.
+    The preflight calls it too, so the answer comes before any download."""
     try:
         import bitsandbytes
     except ImportError as exc:  # optional at run time: only this setting needs it
         raise _nf4_error("bitsandbytes is not installed", exc) from exc
     except (OSError, RuntimeError) as exc:  # installed, but its native library does not load here
         raise _nf4_error("bitsandbytes is installed but does not load on this machine", exc) from exc
+    return bitsandbytes
+
+
+def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
+    """Gemma-2 in bitsandbytes nf4. Every way this fails (bitsandbytes missing, a build
+    without this machine's kernels, a CPU kernel that refuses the layer shapes) becomes a
+    ConfigError naming the key and the fix, at load time rather than mid-caching."""
+    from transformers import BitsAndBytesConfig, Gemma2Model
+
+    bitsandbytes = import_bitsandbytes_for_nf4()
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
     on_cpu = cfg.quantize_via == "cpu" or device.type != "cuda"
@@ -253,6 +260,16 @@ def locate_model(spec: str, revision: str, resolved) -> tuple[Path, dict]:
         "kind": source.kind, "name": spec, "repo_id": source.repo_id,
         "revision": source.revision, "commit_sha": source.commit_sha, "path": str(source.path),
     }
+
+
+def weights_identity(provenance: dict) -> str | None:
+    """Which base weights a run started from, comparable across machines: the Hub commit or the
+    built-in version (a local folder has no identity that survives a move: None)."""
+    if provenance.get("commit_sha"):
+        return f"{provenance.get('repo_id')}@{provenance['commit_sha']}"
+    if provenance.get("kind") == "builtin":
+        return f"{provenance.get('name')}@{provenance.get('version')}"
+    return None
 
 
 def model_identity(provenance: dict) -> str:

@@ -42,6 +42,13 @@ def check(resolved: Resolved, *, training: bool) -> Findings:
                               "write access, or set OUTPUT_DIR to a writable folder")
     backends, text = _data_config(resolved, training, found)
     found.problems.extend(_output_location(head, output, resolved, backends, text))
+    if training and cfg.text_encoder_1_precision == "nf4-bnb":
+        from .models import import_bitsandbytes_for_nf4  # the 4-bit kernel itself is probed when the encoder loads
+
+        try:
+            import_bitsandbytes_for_nf4()
+        except ConfigError as exc:
+            found.problems.extend(exc.problems)
     if cfg.user_prompt_library:
         try:
             found.notes.extend(load_prompt_set(cfg, where["user_prompt_library"]).renamed)

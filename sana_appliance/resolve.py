@@ -421,11 +421,11 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
     problems.extend(cross_field(values, where, credentials, hub))
 
     # Complete: defaults found in the workspace, then absolute paths.
-    if values["data_backend_config"] is None:
-        found = workspace.config_dir / "multidatabackend.json"
-        if found.is_file():
-            values["data_backend_config"] = str(found)
-            where["data_backend_config"] = "default (found in workspace)"
+    for key, name in (("data_backend_config", "multidatabackend.json"), ("user_prompt_library", "user_prompt_library.json")):
+        found = workspace.config_dir / name
+        if values[key] is None and found.is_file():
+            values[key] = str(found)
+            where[key] = "default (found in workspace)"
     if values["mixed_precision"] == "fp16":
         warnings.append(
             "mixed_precision=fp16: Sana is known to give NaN losses in fp16 at low learning "

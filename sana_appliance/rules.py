@@ -99,6 +99,10 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
                 f"or set {pushes[0]}: false{also} and upload output/final yourself later")
         elif not cred.hf_token:
             say(pushes[0], "needs a Hugging Face write token in the HF_TOKEN environment variable")
+    if cfg["push_checkpoints_to_hub"]:  # refused rather than accepted and ignored
+        say("push_checkpoints_to_hub", "uploading checkpoints is not supported yet: they stay in "
+            "output_dir/checkpoints (copy that folder to keep them elsewhere); set push_checkpoints_to_hub: false "
+            "(push_to_hub uploads the final model)")
     if cfg["report_to"] in ("wandb", "all") and not cred.wandb_api_key and hub.wandb_mode not in ("offline", "disabled"):
         say("report_to", "wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
     if cfg["gradient_checkpointing_interval"] > 1 and not cfg["gradient_checkpointing"]:

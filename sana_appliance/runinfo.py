@@ -90,7 +90,9 @@ def mark_complete(output_dir: Path, cfg, step: int, upload: dict | None = None) 
 def completion_record(output_dir: Path, cfg) -> dict | None:
     """The marker's content if this exact job (same config and length) already finished, else None."""
     path = output_dir / COMPLETE_MARKER
-    if cfg.resume_from_checkpoint.lower() == "none" or not path.is_file():
+    from .checkpoints import starts_fresh
+
+    if starts_fresh(cfg.resume_from_checkpoint) or not path.is_file():
         return None
     try:
         doc = json.loads(path.read_text())

@@ -23,6 +23,11 @@ class OutputLock:
     def __init__(self, fd: int, path: Path):
         self._fd, self.path = fd, path
 
+    @property
+    def fd(self) -> int:
+        """The open lock file; a child that inherits it keeps the lock held while it lives."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)  # closing the file releases the lock

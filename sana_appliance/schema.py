@@ -224,7 +224,8 @@ class TrainConfig:
         False, "Upload the final model to the Hugging Face Hub (needs HF_TOKEN and hub_model_id; refused with HF_HUB_OFFLINE)."
     )
     push_checkpoints_to_hub: bool = _opt(
-        False, "Also upload each checkpoint to the Hub repo, under checkpoints/."
+        False, "Upload each checkpoint to the Hub repo too. Not supported yet: `true` is refused (exit 2); "
+        "checkpoints stay in output_dir/checkpoints."
     )
     hub_model_id: str | None = _opt(None, "Hub repo to push to, e.g. `you/sana-finetune`.")
     hub_retry_window_s: float = _opt(

@@ -212,13 +212,23 @@ class Run:
 
     def _choose_checkpoint(self) -> checkpoints.CheckpointRef | None:
         """The checkpoint to resume from: rank 0 verifies (moving damaged ones aside), all ranks take its choice."""
-        ref = checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root) if self.is_main else None
         if self.world == 1:
-            return ref
+            return checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
         from accelerate.utils import broadcast_object_list
 
-        chosen = broadcast_object_list([None if ref is None else (str(ref.path), ref.step)], from_process=0)[0]
-        return None if chosen is None else checkpoints.CheckpointRef(Path(chosen[0]), chosen[1])
+        choice = None
+        if self.is_main:
+            try:
+                ref = checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
+                choice = None if ref is None else ("ref", str(ref.path), ref.step)
+            except ConfigError as exc:  # every rank must raise it, not wait for a choice
+                choice = ("error", exc.problems)
+        choice = broadcast_object_list([choice], from_process=0)[0]
+        if choice is None:
+            return None
+        if choice[0] == "error":
+            raise ConfigError(choice[1])
+        return checkpoints.CheckpointRef(Path(choice[1]), choice[2])
 
     def _resume(self) -> None:
         """Load the chosen checkpoint; one that fails to load is moved aside and the next older one is tried."""
@@ -245,15 +255,33 @@ class Run:
             ref = self.resume_ref = self._choose_checkpoint()
 
     def _apply_checkpoint(self, ref, tensors: dict, objects: dict, state: dict) -> None:
-        cfg = self.cfg
         saved_config = state.get("config", {})
         errors, notes = checkpoints.compare_configs(saved_config, self.resolved.redacted())
-        if errors:
-            raise ConfigError([f"cannot resume from {ref.path}: {e}; use resume_from_checkpoint=none or a new output_dir" for e in errors])
         if state.get("world_size", 1) != self.world:
             log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
+        before = state.get("model") or {}
+        if models.weights_identity(before) != models.weights_identity(self.model_info):
+            errors.append(f"the base model changed since the checkpoint ({models.weights_identity(before)} -> "
+                          f"{models.weights_identity(self.model_info)}): the trained transformer would be paired with "
+                          "another VAE and text encoder. Pin revision to the checkpoint's commit")
+        if state["step"] > self.max_steps:
+            errors.append(f"the checkpoint is at step {state['step']}, past max_train_steps={self.max_steps}: raise "
+                          "max_train_steps, or name an earlier checkpoint in resume_from_checkpoint")
+        if errors:
+            raise ConfigError([f"cannot resume from {ref.path}: {e}; or use resume_from_checkpoint=none or a new output_dir"
+                               for e in errors])
         for note in notes:
             log.warning("resume: %s", note)
+        try:
+            self._load_states(tensors, objects)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or optimizer layout of another model
+            raise ConfigError(f"cannot resume from {ref.path}: its state does not fit this model or optimizer "
+                              f"({exc.__class__.__name__}: {str(exc)[:300]}); use resume_from_checkpoint=none or a new "
+                              "output_dir") from None
+        self._restore_streams(ref, objects, state, saved_config)
+
+    def _load_states(self, tensors: dict, objects: dict) -> None:
+        cfg = self.cfg
         self.transformer.load_state_dict(tensors["transformer"])
         if self.ema is not None:
             if "ema" in tensors:
@@ -270,6 +298,9 @@ class Run:
         self.lr_scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, self.max_steps,
                                                           completed_steps=int(objects["lr_scheduler"]["last_epoch"]))
         self.scaler.load_state_dict(objects["scaler"])
+
+    def _restore_streams(self, ref, objects: dict, state: dict, saved_config: dict) -> None:
+        cfg = self.cfg
         rng = objects.get(f"rng_rank{self.accelerator.process_index}") or objects.get("rng_rank0")
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])

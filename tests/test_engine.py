@@ -370,3 +370,23 @@ def test_nf4_kernel_refusal_exits_2_with_the_fix(shared_workspace, tmp_path):
     if result.returncode == 2:
         assert "text_encoder_1_precision='nf4-bnb'" in result.stderr and "refused to run" in result.stderr
         assert "SANA_TEXT_ENCODER_1_PRECISION=no_change" in result.stderr
+
+
+def test_nf4_kernel_refusal_is_a_config_error_on_any_cpu(tmp_path, monkeypatch):
+    """The kernel-refusal path itself, on every host: a 4-bit layer whose kernel raises (as
+    bitsandbytes' CPU nf4 kernel does on AVX512-BF16 hosts) becomes the ConfigError with the fix."""
+    import bitsandbytes
+
+    from sana_appliance import models
+    from sana_appliance.errors import ConfigError
+
+    def refuse(self, x):
+        raise RuntimeError("shape '[32, 0]' is invalid for input of size 64")
+
+    folder = models.builtin_model_path(tmp_path)
+    monkeypatch.setattr(bitsandbytes.nn.Linear4bit, "forward", refuse)
+    cfg, cpu = SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), torch.device("cpu")
+    with pytest.raises(ConfigError) as caught:
+        models.load_text_encoder(folder, cfg, cpu)
+    message = caught.value.message
+    assert "4-bit kernel refused to run" in message and "SANA_TEXT_ENCODER_1_PRECISION=no_change" in message

@@ -289,3 +289,53 @@ def test_metrics_are_appended_on_resume_and_never_duplicated(tmp_path):
     assert path.stat().st_ino == inode and path.read_bytes().startswith(prefix)  # cut in place, not rewritten
     got = [json.loads(x) for x in path.read_text().splitlines()]
     assert [(x["step"], sorted(x)) for x in got] == [(x["step"], sorted(x)) for x in lines[:10]] + [(9, ["loss", "step"])]
+
+
+def test_an_unreadable_marker_or_file_is_damage_not_a_crash(tmp_path):
+    for step in (1, 2):
+        save_dummy(tmp_path, step)
+    marker = tmp_path / "checkpoint-2" / checkpoints.MARKER
+    doc = json.loads(marker.read_text())
+    doc["files"]["transformer.safetensors"] = {"size": 3}  # a mangled entry: no "bytes"
+    marker.write_text(json.dumps(doc))
+    assert checkpoints.find_resume("latest", tmp_path).step == 1
+    assert "unreadable" in (tmp_path / "checkpoint-2.damaged" / "DAMAGED.json").read_text()
+
+
+def _rewrite_state(checkpoint: Path, change) -> None:
+    """Edit trainer_state.json and re-seal the marker, as a checkpoint written that way would be."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    change(state)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    marker = json.loads((checkpoint / checkpoints.MARKER).read_text())
+    marker["files"] = checkpoints._manifest(checkpoint)
+    (checkpoint / checkpoints.MARKER).write_text(json.dumps(marker))
+
+
+def test_resume_refuses_another_base_model_or_a_step_past_the_end(demo_run, tmp_path):
+    reference, _ = demo_run
+    out = tmp_path / "out"
+    shutil.copytree(reference, out)
+    (out / "TRAINING_COMPLETE.json").unlink()
+    env = cli_env(reference.parent, out)
+    shorter = run_cli({**env, "SANA_MAX_TRAIN_STEPS": "8"})
+    assert shorter.returncode == 2, shorter.stderr[-3000:]
+    assert "past max_train_steps=8" in shorter.stderr and "Traceback" not in shorter.stderr
+
+    _rewrite_state(out / "checkpoints" / "checkpoint-16", lambda s: s["model"].update(version="v0"))
+    other = run_cli(env)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "the base model changed since the checkpoint (builtin:tiny-sana@v0 -> builtin:tiny-sana@" in other.stderr
+    assert "Traceback" not in other.stderr
+    assert (out / "checkpoints" / "checkpoint-16").is_dir()  # refused, not taken for damage
+
+
+def test_resume_false_means_start_fresh_everywhere(tmp_path):
+    from sana_appliance import runinfo
+
+    cfg = dataclasses.replace(TrainConfig(), resume_from_checkpoint="none")
+    runinfo.mark_complete(tmp_path, cfg, 10)
+    for setting in ("none", "false", "False"):
+        assert runinfo.completed_step(tmp_path, dataclasses.replace(cfg, resume_from_checkpoint=setting)) is None
+        assert checkpoints.find_resume(setting, tmp_path) is None
+    assert runinfo.completed_step(tmp_path, dataclasses.replace(cfg, resume_from_checkpoint="latest")) == 10
