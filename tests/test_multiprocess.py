@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from conftest import cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
-from sana_appliance import checkpoints
+from sana_appliance import checkpoints, runlock
 
 # Test-only probe, loaded into every worker through PYTHONPATH (no hook in the package): when
 # sana_appliance.train is imported, Run.finish is wrapped so that each rank, after finishing,
@@ -105,3 +106,53 @@ def test_two_processes_train_stop_and_resume(shared_workspace, tmp_path):
     assert rank0 == weights_digest(load_file(out / "transformer.safetensors"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["samples_per_s"] > 0 for r in rows if "loss" in r)
+
+
+def _workers_of(launcher_pid: int) -> list[int]:
+    """Live processes started by the appliance launcher `launcher_pid` (they carry its pid)."""
+    mark = f"APPLIANCE_LAUNCHER_PID={launcher_pid}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if mark in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_workers_keep_the_output_lock_when_the_launcher_is_killed(shared_workspace, tmp_path):
+    """kill -9 of the launcher leaves its workers running: they still hold the output folder, so a
+    restart cannot train beside them; once they are gone the folder is free again."""
+    out = tmp_path / "out"
+    env = cli_env(shared_workspace, out, SANA_NUM_PROCESSES="2", SANA_MAX_TRAIN_STEPS="400", SANA_VALIDATION_STEPS="0",
+                  SANA_CHECKPOINTING_STEPS="1000")
+    proc = start_cli(env)
+    reader = Reader(proc)
+    workers = []
+    try:
+        assert reader.wait_for("held-out eval loss at step 0", timeout=150), reader.text()[-3000:]
+        workers = _workers_of(proc.pid)
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait()
+        second = run_cli(env)
+        assert second.returncode == 2 and "is in use by another run" in second.stderr, second.stderr[-3000:]
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    runlock.acquire(out).release()  # the kernel dropped the lock with its last holder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # a zombie has closed its files
+    except OSError:
+        return False
