@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ApplianceError, ConfigError, DataError
-from .fsutil import fsync_path, make_readable
+from .fsutil import fsync_path, make_readable, safetensors_problem
 
 log = logging.getLogger("sana_appliance.checkpoints")
 
@@ -125,15 +125,8 @@ def _structural_problems(path: Path) -> list[str]:
 
     try:
         if path.suffix == ".safetensors":
-            size = path.stat().st_size
-            with open(path, "rb") as handle:
-                header_len = int.from_bytes(handle.read(8), "little")
-                header = json.loads(handle.read(header_len)) if 0 < header_len < size else None
-            if header is None:
-                return [f"{path.name}: not a safetensors file"]
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + header_len + end != size:
-                return [f"{path.name}: {size} bytes, the header describes {8 + header_len + end} (truncated?)"]
+            problem = safetensors_problem(path)
+            return [problem] if problem else []
         elif path.suffix == ".pt":
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip()

@@ -66,3 +66,23 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (truncated, garbled header, trailing bytes), or None.
+    Reads only the header: cheap enough to check a folder of weights before trusting it."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if not 0 < header_len <= size - 8:
+                return f"{path.name}: not a safetensors file, or truncated"
+            header = json.loads(handle.read(header_len))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return f"{path.name}: unreadable ({type(exc).__name__})"
+    described = 8 + header_len + max(ends, default=0)
+    if described != size:
+        return f"{path.name}: {size} bytes, its header describes {described} (truncated?)"
+    return None
+

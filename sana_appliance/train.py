@@ -8,6 +8,7 @@ and a resumed run continues the exact sequence of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -378,7 +379,7 @@ class Run:
         if not self.prompts:
             return {}
         embeds = validation.encode_validation_prompts(self.prompts, self.text_cache)
-        context = self.ema.swapped_into(self.transformer) if self.ema is not None else _nullcontext()
+        context = self.ema.swapped_into(self.transformer) if self.ema is not None else contextlib.nullcontext()
         with context:  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=self.transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
@@ -410,7 +411,7 @@ class Run:
             for micro in range(cfg.gradient_accumulation_steps):
                 batch = next(batches)
                 sync = micro == cfg.gradient_accumulation_steps - 1
-                with self.accelerator.no_sync(self.model) if (self.world > 1 and not sync) else _nullcontext():
+                with self.accelerator.no_sync(self.model) if (self.world > 1 and not sync) else contextlib.nullcontext():
                     loss = self._loss(batch, self.generator)
                     self.scaler.scale(loss / cfg.gradient_accumulation_steps).backward()
                 losses.append(loss.detach())
@@ -538,14 +539,6 @@ class Run:
         tracker, self.tracker = getattr(self, "tracker", None), None
         if tracker is not None:
             tracker.close()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _dataset_summary(backend_id: str, samples: list) -> dict:

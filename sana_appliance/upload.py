@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 from . import hubretry
 from .errors import AssetError
+from .fsutil import safetensors_problem
 
 log = logging.getLogger("sana_appliance.upload")
 
@@ -55,23 +55,6 @@ def failed(resolved, error: AssetError) -> dict:
 # ---------------------------------------------------------------- checking final/
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """A truncated or garbled safetensors file (header length, JSON header, data size)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as handle:
-            (header_len,) = struct.unpack("<Q", handle.read(8))
-            if header_len > size - 8:
-                return f"{path} is truncated"
-            header = json.loads(handle.read(header_len))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
-        return f"{path} cannot be read ({type(exc).__name__})"
-    if 8 + header_len + max(ends, default=0) != size:
-        return f"{path} is truncated or has trailing bytes"
-    return None
-
-
 def check_final(folder: Path) -> list[str]:
     """What is missing or broken in an exported pipeline folder (empty: complete)."""
     index = folder / "model_index.json"
@@ -92,7 +75,7 @@ def check_final(folder: Path) -> list[str]:
     weights = sorted((folder / "transformer").glob("*.safetensors"))
     if not weights:
         problems.append(f"{folder / 'transformer'} holds no .safetensors weights")
-    problems += [p for p in (_safetensors_problem(w) for w in sorted(folder.rglob("*.safetensors"))) if p]
+    problems += [f"{w.parent}/{p}" for w in sorted(folder.rglob("*.safetensors")) if (p := safetensors_problem(w))]
     return problems
 
 
