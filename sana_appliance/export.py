@@ -87,7 +87,8 @@ def export_final(
     return final
 
 
-def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict) -> str:
+def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict,
+               resume_history: list[dict] | None = None) -> str:
     """A Hub model card. `config` must already be redacted."""
     base = model_info.get("repo_id") or model_info.get("name")
     revision = model_info.get("commit_sha") or model_info.get("version") or "local"
@@ -113,6 +114,12 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
     lines += [f"- `{d['id']}`: {d['samples']} images, fingerprint `{d.get('fingerprint', '')[:16]}`" for d in datasets]
     lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | `{config.get(k)}` |" for k in keys if k in config]
+    if resume_history:  # the table above is the final config; these held before each resume
+        lines += ["", "## Changes during training", "",
+                  "The hyperparameters above apply from the last change on; before it:", ""]
+        for entry in resume_history:
+            lines += [f"- resumed at step {entry['step']}: " + ", ".join(
+                f"`{k}` {old!r} -> {new!r}" for k, (old, new) in entry["changed"].items())]
     if eval_loss:
         lines += ["", "## Held-out eval loss", ""]
         if "start_step" in eval_loss:

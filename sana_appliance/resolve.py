@@ -426,6 +426,11 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
         if values[key] is None and found.is_file():
             values[key] = str(found)
             where[key] = "default (found in workspace)"
+    steps, warmup = values["max_train_steps"], values["lr_warmup_steps"]
+    if isinstance(steps, int) and isinstance(warmup, int) and 0 < steps <= warmup:
+        warnings.append(
+            f"lr_warmup_steps={values['lr_warmup_steps']} >= max_train_steps={values['max_train_steps']}: the "
+            "learning rate never reaches learning_rate; lower lr_warmup_steps (e.g. 10% of the steps)")
     if values["mixed_precision"] == "fp16":
         warnings.append(
             "mixed_precision=fp16: Sana is known to give NaN losses in fp16 at low learning "

@@ -38,6 +38,7 @@ def check_rules(key: str, value: Any) -> str | None:
     return None
 
 
+MAX_VALIDATION_SIDE = 4096
 EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0", "hub_retry_window_s": "300"}
 
 
@@ -89,6 +90,9 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
         if any(side % SIZE_MULTIPLE for size in sizes for side in size):
             say("validation_resolution", f"sides must be multiples of {SIZE_MULTIPLE}, e.g. "
                 f"{_nearest_resolution(cfg['validation_resolution'])}")
+        if any(side > MAX_VALIDATION_SIDE for size in sizes for side in size):
+            say("validation_resolution", f"sides must be at most {MAX_VALIDATION_SIDE} (Sana's largest models "
+                "render 4096x4096), e.g. 1024x1024")
     pushes = [k for k in ("push_to_hub", "push_checkpoints_to_hub") if cfg[k]]
     if pushes:
         also = f" (and {pushes[1]})" if len(pushes) > 1 else ""

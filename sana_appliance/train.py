@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -82,6 +83,9 @@ class Run:
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
+        if self.is_main and checkpoints.starts_fresh(cfg.resume_from_checkpoint):
+            _set_aside_earlier_run(self.output_dir)
+        self.accelerator.wait_for_everyone()
         self.resume_ref = self._choose_checkpoint()
         self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
 
@@ -134,6 +138,7 @@ class Run:
 
         self.step, self.batches_consumed, self.tracker_run_id, self.last_saved_step = 0, 0, None, None
         self.nonfinite_total, self.eval_first, self.eval_logged = 0, None, (-1, None)
+        self.resume_history: list[dict] = []
         self._resume()
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.step, self.tracker_run_id,
                                       self.resolved.hub.wandb_mode, self.is_main)
@@ -199,7 +204,8 @@ class Run:
                  "sampler": self.sampler.state_dict(batches_consumed=self.batches_consumed),
                  "config_hash": checkpoints.config_hash(dataclasses.asdict(self.cfg)),
                  "config": self.resolved.redacted(), "tracker_run_id": self.tracker.run_id,
-                 "nonfinite_total": self.nonfinite_total, "model": self.model_info, "eval_loss_first": self.eval_first}
+                 "nonfinite_total": self.nonfinite_total, "model": self.model_info, "eval_loss_first": self.eval_first,
+                 "resume_history": self.resume_history}
         path = None
         if self.is_main:  # weights are identical on every rank; rank 0 writes the folder
             t0 = time.monotonic()
@@ -273,6 +279,12 @@ class Run:
                                for e in errors])
         for note in notes:
             log.warning("resume: %s", note)
+        current = self.resolved.redacted()
+        changed = {k: [saved_config.get(k), current.get(k)] for k in sorted(set(saved_config) | set(current))
+                   if saved_config.get(k) != current.get(k) and k not in ("output_dir", "resume_from_checkpoint")}
+        # What was trained with which settings: run.json and the model card list every change and its step.
+        self.resume_history = list(state.get("resume_history", [])) + ([{"step": state["step"], "changed": changed}]
+                                                                        if changed else [])
         try:
             self._load_states(tensors, objects)
         except (RuntimeError, ValueError, KeyError) as exc:  # shapes or optimizer layout of another model
@@ -485,12 +497,18 @@ class Run:
             try:
                 images = self._validate()
                 self.vote.check()
-                eval_now = self.eval_loss()
-                self.tracker.log(self.step, {"eval_loss": eval_now})
-                self.eval_logged = (self.step, eval_now)
+                if self.eval_logged[0] != self.step:  # measured once per step (a resumed run's start is this step)
+                    eval_now = self.eval_loss()
+                    self.tracker.log(self.step, {"eval_loss": eval_now})
+                    self.eval_logged = (self.step, eval_now)
                 self.tracker.log_images(self.step, images)
             except Abandoned:
                 log.warning("validation at step %d abandoned: a stop was requested", self.step)
+            except (RuntimeError, MemoryError) as exc:  # e.g. out of memory at a large validation_resolution
+                # Validation only shows progress: losing a round must not lose the run, or loop its restarts.
+                log.warning("validation at step %d failed and was skipped, training goes on (%s: %s); lower "
+                            "validation_resolution or validation_num_inference_steps, or set validation_steps=0",
+                            self.step, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
         return self.vote.finish()
 
     # ------------------------------------------------------------ finish
@@ -521,7 +539,7 @@ class Run:
         samples = validation.latest_images(self.output_dir / "validation")
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
-                                 eval_loss=self._eval_summary())
+                                 eval_loss=self._eval_summary(), resume_history=self.resume_history)
         ema_state = self.ema.to_state_dict_for_export(self.weight_dtype) if self.ema is not None else None
         try:
             export.export_final(output_dir=self.output_dir, transformer=self.transformer, ema_state=ema_state,
@@ -529,7 +547,7 @@ class Run:
         except Abandoned:
             raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
         runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
-                      timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
+                      timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(), "resume_history": self.resume_history,
                                                    "caches": self.cache_stats, "skipped_steps": self.nonfinite_total})
 
     def _eval_summary(self) -> dict:
@@ -539,6 +557,29 @@ class Run:
         tracker, self.tracker = getattr(self, "tracker", None), None
         if tracker is not None:
             tracker.close()
+
+
+# What a run writes into output_dir (set aside as a whole when a fresh run starts there).
+RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json",
+               "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER, "tensorboard", "wandb")
+
+
+def _set_aside_earlier_run(output_dir: Path) -> None:
+    """resume_from_checkpoint=none in a used output folder: the earlier run's files move to
+    previous-runs/<time>/ (nothing is deleted, and `latest` can never pick its checkpoints up)."""
+    earlier = [output_dir / name for name in RUN_OUTPUTS if os.path.lexists(output_dir / name)]
+    if not earlier:
+        return
+    target = output_dir / "previous-runs" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+        n += 1
+    target.mkdir(parents=True)
+    for path in earlier:
+        os.replace(path, target / path.name)
+    log.warning("resume_from_checkpoint=none: this output folder held an earlier run; its files (%s) were moved "
+                "to %s, nothing was deleted", ", ".join(sorted(p.name for p in earlier)), target)
 
 
 def _dataset_summary(backend_id: str, samples: list) -> dict:

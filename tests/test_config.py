@@ -477,3 +477,10 @@ def test_workspace_prompt_library_is_found_like_the_dataloader_config(tmp_path):
     r = resolve(env_for(tmp_path, PRESET="24g"))
     assert r.config.user_prompt_library == str(library)
     assert r.provenance["user_prompt_library"] == "default (found in workspace)"
+
+
+def test_validation_resolution_has_an_upper_bound_and_long_warmup_warns(tmp_path):
+    with pytest.raises(ConfigError, match="at most 4096"):
+        resolve(env_for(tmp_path, PRESET="24g", SANA_VALIDATION_RESOLUTION="32768"))
+    r = resolve(env_for(tmp_path, PRESET="24g", SANA_MAX_TRAIN_STEPS="10", SANA_LR_WARMUP_STEPS="50"))
+    assert any("never reaches learning_rate" in w for w in r.warnings)

@@ -339,3 +339,24 @@ def test_resume_false_means_start_fresh_everywhere(tmp_path):
         assert runinfo.completed_step(tmp_path, dataclasses.replace(cfg, resume_from_checkpoint=setting)) is None
         assert checkpoints.find_resume(setting, tmp_path) is None
     assert runinfo.completed_step(tmp_path, dataclasses.replace(cfg, resume_from_checkpoint="latest")) == 10
+
+
+def test_fresh_start_sets_the_earlier_run_aside_and_changes_are_recorded(shared_workspace, tmp_path):
+    """resume_from_checkpoint=none in a used folder moves the earlier run aside (nothing deleted,
+    never resumed later); run.json and the model card list what changed at each resume."""
+    out = tmp_path / "out"
+    base = {"SANA_CHECKPOINTING_STEPS": "4", "SANA_VALIDATION_STEPS": "0", "SANA_USE_EMA": "false"}
+    assert run_cli(cli_env(shared_workspace, out, SANA_MAX_TRAIN_STEPS="8", **base)).returncode == 0
+    fresh = run_cli(cli_env(shared_workspace, out, SANA_MAX_TRAIN_STEPS="4", SANA_RESUME_FROM_CHECKPOINT="none", **base))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    aside = list((out / "previous-runs").iterdir())
+    assert len(aside) == 1 and (aside[0] / "checkpoints" / "checkpoint-8" / checkpoints.MARKER).is_file()
+    assert (aside[0] / "final" / "model_index.json").is_file() and "were moved to" in fresh.stderr
+    assert [m["step"] for m in _metrics(out) if "loss" in m] == [1, 2, 3, 4]
+
+    later = run_cli(cli_env(shared_workspace, out, SANA_MAX_TRAIN_STEPS="6", SANA_LEARNING_RATE="5e-4", **base))
+    assert later.returncode == 0, later.stderr[-3000:]
+    assert "resumed from checkpoint-4" in later.stderr  # this run's own checkpoint, not the set-aside checkpoint-8
+    history = json.loads((out / "run.json").read_text())["resume_history"]
+    assert history == [{"step": 4, "changed": {"learning_rate": [0.001, 0.0005], "max_train_steps": [4, 6]}}]
+    assert "resumed at step 4: `learning_rate` 0.001 -> 0.0005" in (out / "final" / "README.md").read_text()
