@@ -10,10 +10,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, preflight, runlock
-from . import presets as presets_mod
-from .errors import ApplianceError, ConfigError, ExitCode, StopRequested
-from .resolve import CliArgs, Resolved, resolve_collecting
+from . import __version__
+from .config import presets as presets_mod
+from .config.resolve import CliArgs, Resolved, resolve_collecting
+from .core.errors import ApplianceError, ConfigError, ExitCode, StopRequested
+from .run import lock as runlock
+from .run import preflight
 
 log = logging.getLogger("sana_appliance")
 
@@ -168,18 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             lock = runlock.acquire(Path(resolved.config.output_dir))
         try:
             if resolved.worker_rank is None:
-                from .launch import launch, process_count
+                from .distributed.launch import launch, process_count
 
                 count = process_count(resolved.config.num_processes)
                 if count > 1:
                     return launch(count, argv, dict(os.environ), inherit_fds=(lock.fd,))
-            from .stopping import StopFlag
+            from .distributed.stopping import StopFlag
 
             # Installed before the heavy imports, so a stop at any moment exits 143/130 with a message.
             stop = StopFlag().install()
             try:
                 with stop.immediate("startup", "nothing to save yet"):
-                    from .train import train  # heavy imports only when training
+                    from .run.train import train
                 train(resolved, stop)
             finally:
                 stop.restore()

@@ -1,7 +1,9 @@
-"""Metrics: metrics.jsonl always; TensorBoard and wandb when report_to asks.
+"""Metrics: metrics.jsonl always; the trackers of :data:`TRACKERS` when report_to asks.
 
 Trackers share one tiny interface, so the training loop never branches on them.
-Only rank 0 creates real trackers; other ranks get `NullTracker`.
+Only rank 0 creates real trackers; other ranks get `NullTracker`. :data:`TRACKERS` is the one
+table of optional trackers: ``report_to``'s choices (``none``, each name, ``all``) and the
+config check of each come from it. Adding one is one entry (and its test).
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-log = logging.getLogger("sana_appliance.tracking")
+log = logging.getLogger(__name__)
 
 
 class NullTracker:
@@ -132,12 +137,59 @@ class Trackers(NullTracker):
             t.close()
 
 
-def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: str | None, wandb_mode: str | None, is_main: bool) -> NullTracker:
+@dataclass(frozen=True)
+class TrackerContext:
+    """What a tracker is built from."""
+
+    cfg: Any
+    output_dir: Path
+    config_dict: dict  # the redacted config, for trackers that record it
+    run_id: str | None  # the tracker run id an interrupted run recorded (resumed, not duplicated)
+    wandb_mode: str | None  # WANDB_MODE from the environment
+
+
+@dataclass(frozen=True)
+class TrackerSpec:
+    """One optional tracker: the entry of :data:`TRACKERS`."""
+
+    name: str
+    doc: str
+    build: Callable[[TrackerContext], NullTracker]
+    folder: str | None = None  # what it writes under output_dir (set aside with the run's other outputs)
+    # (credentials, hub settings) -> why it cannot run, or None; checked with the config
+    problem: Callable[[Any, Any], str | None] = lambda credentials, hub: None
+
+
+def _wandb_problem(credentials, hub) -> str | None:
+    if not credentials.wandb_api_key and hub.wandb_mode not in ("offline", "disabled"):
+        return "wandb needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)"
+    return None
+
+
+TRACKERS: dict[str, TrackerSpec] = {spec.name: spec for spec in (
+    TrackerSpec("tensorboard", "TensorBoard event files in output/tensorboard",
+                lambda c: TensorBoardTracker(c.output_dir / "tensorboard"), folder="tensorboard"),
+    TrackerSpec("wandb", "Weights & Biases (WANDB_API_KEY, WANDB_MODE)",
+                lambda c: WandbTracker(c.cfg.tracker_project_name, c.cfg.tracker_run_name, c.config_dict, c.run_id,
+                                       c.output_dir, c.wandb_mode),
+                problem=_wandb_problem, folder="wandb"),
+)}
+REPORT_TO_CHOICES = ("none", *TRACKERS, "all")
+
+
+def selected(report_to: str) -> list[str]:
+    """The tracker names a report_to value asks for, in table order."""
+    if report_to == "all":
+        return list(TRACKERS)
+    return [name for name in TRACKERS if name == report_to]
+
+
+def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: str | None, wandb_mode: str | None,
+          is_main: bool) -> NullTracker:
     if not is_main:
         return NullTracker()
     trackers: list[NullTracker] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]
-    if cfg.report_to in ("tensorboard", "all"):
-        trackers.append(TensorBoardTracker(output_dir / "tensorboard"))
-    if cfg.report_to in ("wandb", "all"):
-        trackers.append(WandbTracker(cfg.tracker_project_name, cfg.tracker_run_name, config_dict, run_id, output_dir, wandb_mode))
+    context = TrackerContext(cfg, output_dir, config_dict, run_id, wandb_mode)
+    for name in selected(cfg.report_to):
+        trackers.append(TRACKERS[name].build(context))
     return Trackers(trackers)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from hubserver import FakeHub
 
-from sana_appliance.assets import fetch_dataset, fetch_model
-from sana_appliance.errors import AssetError, ExitCode
-from sana_appliance.resolve import Credentials, HubSettings, Workspace
+from sana_appliance.core.errors import AssetError, ExitCode
+from sana_appliance.core.workspace import Credentials, HubSettings, Workspace
+from sana_appliance.hub.download import fetch_dataset, fetch_model
 
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 SECRET = "hf_s3cretTOKENvalue0123456789"
@@ -154,7 +154,7 @@ def test_gated_repo_with_accepted_token_downloads(hub, workspace):
 
 
 def test_transient_failures_are_retried_with_logging(hub, workspace, caplog):
-    caplog.set_level(logging.WARNING, logger="sana_appliance.assets")
+    caplog.set_level(logging.WARNING, logger="sana_appliance.hub.download")
     repo = hub.add_repo("acme/tiny-sana", pipeline_files())
     hub.fail("GET", "/api/models/acme/tiny-sana/revision/main", 503)
     hub.fail("GET", "/api/models/acme/tiny-sana/revision/main", "drop")
@@ -165,7 +165,7 @@ def test_transient_failures_are_retried_with_logging(hub, workspace, caplog):
     assert source.commit_sha == repo.sha
     assert (source.path / "vae" / "config.json").read_bytes() == repo.files["vae/config.json"]
     assert hub.hits("GET", "/revision/main") == 3  # 503, dropped, ok
-    retries = [r.getMessage() for r in caplog.records if r.name == "sana_appliance.assets" and "retrying" in r.getMessage()]
+    retries = [r.getMessage() for r in caplog.records if r.name == "sana_appliance.hub.download" and "retrying" in r.getMessage()]
     assert len(retries) == 3, retries
     assert "503" in retries[0] and "RemoteProtocolError" in retries[1] and "502" in retries[2]
 

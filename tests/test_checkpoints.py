@@ -18,8 +18,9 @@ import torch
 from conftest import cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 
-from sana_appliance import checkpoints, runlock
-from sana_appliance.errors import ConfigError, DataError
+from sana_appliance.core.errors import ConfigError, DataError
+from sana_appliance.run import checkpoints
+from sana_appliance.run import lock as runlock
 
 
 def save_dummy(root: Path, step: int) -> Path:

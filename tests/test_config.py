@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sana_appliance import presets
 from sana_appliance.cli import main
-from sana_appliance.errors import ConfigError
-from sana_appliance.resolve import CliArgs, resolve
-from sana_appliance.schema import TrainConfig, fields
+from sana_appliance.config import presets
+from sana_appliance.config.resolve import CliArgs, resolve
+from sana_appliance.config.schema import TrainConfig, fields
+from sana_appliance.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_precedence_default_preset_file_env_cli(tmp_path):
 
 def test_every_key_settable_from_env_and_typed(tmp_path):
     samples = {bool: ("true", True), int: ("3", 3), float: ("0.5", 0.5), str: ("x", "x")}
-    from sana_appliance.schema import field_type
+    from sana_appliance.config.schema import field_type
 
     for f in fields():
         base, _ = field_type(f)
@@ -336,7 +336,7 @@ def test_multi_gpu_preset_launches_one_process_per_gpu(tmp_path):
     assert c.num_processes == 0
     import torch
 
-    from sana_appliance.launch import process_count
+    from sana_appliance.distributed.launch import process_count
 
     assert [process_count(c.num_processes, visible_gpus=n) for n in (0, 1, 2, 8)] == [1, 1, 2, 8]
     assert process_count(3, visible_gpus=8) == 3 and process_count(1, visible_gpus=8) == 1

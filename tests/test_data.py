@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sana_appliance.dataconfig import build_plan, load_data_config
-from sana_appliance.demo_data import demo_config_entries, demo_eval_samples, ensure_demo_dataset
-from sana_appliance.errors import ConfigError, DataError, ExitCode
-from sana_appliance.images import area_bucket, load_pixels, probe_image
-from sana_appliance.resolve import Workspace
+from sana_appliance.core.errors import ConfigError, DataError, ExitCode
+from sana_appliance.core.workspace import Workspace
+from sana_appliance.data.backends import load_data_config
+from sana_appliance.data.demo import demo_config_entries, ensure_demo_dataset
+from sana_appliance.data.images import area_bucket, load_pixels, probe_image
+from sana_appliance.data.plan import build_plan, demo_eval_samples
 
 # The seed guide's multidatabackend.json (sana-quickstart), verbatim. Its paths are
 # relative, and relative paths resolve against the workspace root, so no path needs
@@ -242,7 +243,7 @@ def test_simpletuner_cache_path_placeholders_are_filled_or_refused(tmp_path):
 
 def test_filename_captions_keep_trailing_digits():
     """Only a copy counter ` (N)` is dropped; a trailing `-N` is part of the name."""
-    from sana_appliance.dataplan import filename_caption
+    from sana_appliance.data.plan import filename_caption
 
     cases = {"iphone-15.png": "iphone-15", "ak-47.png": "ak-47", "route_66-2.png": "route 66-2",
              "f-16_over_the_sea.jpg": "f-16 over the sea", "a_red_car (2).png": "a red car",
@@ -472,7 +473,7 @@ def test_demo_dataset_is_deterministic_with_matching_captions(tmp_path):
         )
         im = Image.open(png)
         assert im.size == (64, 64)
-    assert not list(a.parent.glob(".demo-shapes.tmp-*")), "temp folder left behind"
+    assert not list(a.parent.glob(".demo-shapes.*")), "temp folder left behind"
 
 
 def test_builtin_demo_plan_and_eval_samples(tmp_path):

@@ -18,8 +18,8 @@ import torch
 from conftest import PLANTED_TOKEN, cli_env, run_cli
 from safetensors.torch import load_file
 
-from sana_appliance.flow import FlowSchedule
-from sana_appliance.resolve import resolve
+from sana_appliance.config.resolve import resolve
+from sana_appliance.model.flow import FlowSchedule
 
 
 def all_text_under(folder: Path) -> str:
@@ -129,7 +129,7 @@ def _loss_lines(output: Path) -> list[dict]:
 def test_nonfinite_steps_are_skipped_then_exit_5(demo_run, shared_workspace, tmp_path):  # demo_run fills the caches
     """Every cached latent poisoned: each step is skipped (weights unchanged) and counted in
     skipped_steps; max_nonfinite_steps in a row is exit 5 with the checkpoints intact."""
-    from sana_appliance.models import builtin_model_path
+    from sana_appliance.model.parts import builtin_model_path
 
     ws = _workspace_copy(shared_workspace, tmp_path / "ws")
     latent_files = [f for f in sorted((ws / "cache").rglob("*.safetensors")) if "latents" in load_file(f)]
@@ -234,7 +234,7 @@ def test_training_from_a_hub_repo_records_its_commit(shared_workspace, tmp_path)
     """The real download path: huggingface_hub against a local Hub server serving the tiny model."""
     from hubserver import FakeHub
 
-    from sana_appliance.models import builtin_model_path
+    from sana_appliance.model.parts import builtin_model_path
 
     folder = builtin_model_path(shared_workspace / "cache")
     files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
@@ -284,7 +284,7 @@ def _checkpointing_trace(transformer) -> tuple[torch.Tensor, set[int], int]:
 def test_block_checkpointing_recomputes_the_chosen_blocks_and_keeps_numbers(tmp_path):
     """gradient_checkpointing really recomputes every interval-th block in backward (so autograd
     keeps fewer activations), with the same gradients and state_dict keys as without it."""
-    from sana_appliance import models
+    from sana_appliance.model import parts as models
 
     folder = models.builtin_model_path(tmp_path)
     stored = set(load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -326,7 +326,7 @@ def test_text_encoder_nf4_for_caching(shared_workspace, tmp_path):
 def test_nf4_text_encoder_is_quantized_and_close_to_full_precision(tmp_path):
     import bitsandbytes as bnb
 
-    from sana_appliance import models
+    from sana_appliance.model import parts as models
 
     folder = models.builtin_model_path(tmp_path)
     cpu = torch.device("cpu")
@@ -343,8 +343,8 @@ def test_nf4_text_encoder_is_quantized_and_close_to_full_precision(tmp_path):
 
 
 def test_failed_nf4_load_is_a_config_error_with_the_fix(tmp_path, monkeypatch):
-    from sana_appliance import models
-    from sana_appliance.errors import ConfigError
+    from sana_appliance.core.errors import ConfigError
+    from sana_appliance.model import parts as models
 
     folder = models.builtin_model_path(tmp_path)
     cfg, cpu = SimpleNamespace(text_encoder_1_precision="nf4-bnb", quantize_via="cpu"), torch.device("cpu")
@@ -359,7 +359,7 @@ def test_failed_nf4_load_is_a_config_error_with_the_fix(tmp_path, monkeypatch):
 def test_nf4_kernel_refusal_exits_2_with_the_fix(shared_workspace, tmp_path):
     """A text encoder narrower than bitsandbytes' 64-value nf4 block: its CPU kernel refuses it on
     AVX512-BF16 hosts (exit 2 naming the key and the fix) and runs it elsewhere. Never a traceback."""
-    from sana_appliance import models
+    from sana_appliance.model import parts as models
 
     narrow = tmp_path / "narrow-sana"
     models.build_tiny_sana(narrow, text_width=32)
@@ -377,8 +377,8 @@ def test_nf4_kernel_refusal_is_a_config_error_on_any_cpu(tmp_path, monkeypatch):
     bitsandbytes' CPU nf4 kernel does on AVX512-BF16 hosts) becomes the ConfigError with the fix."""
     import bitsandbytes
 
-    from sana_appliance import models
-    from sana_appliance.errors import ConfigError
+    from sana_appliance.core.errors import ConfigError
+    from sana_appliance.model import parts as models
 
     def refuse(self, x):
         raise RuntimeError("shape '[32, 0]' is invalid for input of size 64")

@@ -20,10 +20,12 @@ import pytest
 from conftest import PLANTED_TOKEN, cli_env, run_cli, start_cli
 from hubserver import FakeHub
 
-from sana_appliance import hubretry, upload
-from sana_appliance.assets import fetch_model
-from sana_appliance.errors import AssetError
-from sana_appliance.resolve import Credentials, HubSettings, Workspace, resolve
+from sana_appliance.config.resolve import resolve
+from sana_appliance.core.errors import AssetError
+from sana_appliance.core.workspace import Credentials, HubSettings, Workspace
+from sana_appliance.hub import retry as hubretry
+from sana_appliance.hub import upload
+from sana_appliance.hub.download import fetch_model
 
 REPO_ID = "acme/sana-ft"
 WINDOW_S = 1.5

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sana_appliance.schema import field_map
+from sana_appliance.config.schema import field_map
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER_DIR = REPO / "docker"

@@ -19,10 +19,11 @@ from conftest import cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
-from sana_appliance import checkpoints, runlock
+from sana_appliance.run import checkpoints
+from sana_appliance.run import lock as runlock
 
 # Test-only probe, loaded into every worker through PYTHONPATH (no hook in the package): when
-# sana_appliance.train is imported, Run.finish is wrapped so that each rank, after finishing,
+# sana_appliance.run.train is imported, Run.finish is wrapped so that each rank, after finishing,
 # writes a digest of the weights IT holds. Only rank 0 writes outputs, so this is the one way
 # to see rank 1's weights.
 REPLICA_PROBE = """
@@ -38,14 +39,14 @@ def _patch(module):
         from test_multiprocess import weights_digest
 
         out = Path(os.environ["REPLICA_PROBE_DIR"]) / f"rank{self.accelerator.process_index}.sha256"
-        out.write_text(weights_digest(self.transformer.state_dict()))
+        out.write_text(weights_digest(self.state.transformer.state_dict()))
 
     module.Run.finish = finish
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "sana_appliance.train":
+        if name != "sana_appliance.run.train":
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(name)

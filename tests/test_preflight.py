@@ -15,8 +15,8 @@ import os
 import pytest
 
 from sana_appliance.cli import main
-from sana_appliance.preflight import PROBE_PREFIX
-from sana_appliance.resolve import resolve
+from sana_appliance.config.resolve import resolve
+from sana_appliance.run.preflight import PROBE_PREFIX
 
 DATA = [{"id": "mine", "type": "local", "instance_data_dir": "datasets/mine", "cache_dir_vae": "vaecache/mine"},
         {"id": "text", "dataset_type": "text_embeds", "default": True, "cache_dir": "textcache"}]
@@ -133,7 +133,7 @@ def test_nickname_collisions_are_made_unique_never_dropped(workspace, capsys, mo
     (workspace / "config" / "prompts.json").write_text(text)
     monkeypatch.setenv("SANA_USER_PROMPT_LIBRARY", "config/prompts.json")
     monkeypatch.setenv("SANA_VALIDATION_PROMPT", "primary")
-    from sana_appliance.validation import image_name, load_prompts
+    from sana_appliance.run.validation import image_name, load_prompts
 
     prompts = load_prompts(resolve(dict(os.environ)).config)  # what training renders
     assert sorted(prompts.values()) == sorted(["primary", *library.values(), "seven"])  # nothing dropped

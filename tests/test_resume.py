@@ -21,9 +21,10 @@ from conftest import cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 from test_checkpoints import Reader, save_dummy
 
-from sana_appliance import checkpoints, optimizers
-from sana_appliance.errors import ConfigError
-from sana_appliance.schema import TrainConfig
+from sana_appliance.config.schema import TrainConfig
+from sana_appliance.core.errors import ConfigError
+from sana_appliance.model import optimizers
+from sana_appliance.run import checkpoints
 from sana_appliance.tracking import JsonlTracker
 
 # ---------------------------------------------------------------- hyperparameters on resume
@@ -331,7 +332,7 @@ def test_resume_refuses_another_base_model_or_a_step_past_the_end(demo_run, tmp_
 
 
 def test_resume_false_means_start_fresh_everywhere(tmp_path):
-    from sana_appliance import runinfo
+    from sana_appliance.run import runinfo
 
     cfg = dataclasses.replace(TrainConfig(), resume_from_checkpoint="none")
     runinfo.mark_complete(tmp_path, cfg, 10)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from sana_appliance.dataconfig import parse_data_config
-from sana_appliance.dataplan import DataPlan
-from sana_appliance.images import Sample
-from sana_appliance.resolve import Workspace
-from sana_appliance.sampler import BucketBatchSampler
+from sana_appliance.core.workspace import Workspace
+from sana_appliance.data.backends import parse_data_config
+from sana_appliance.data.images import Sample
+from sana_appliance.data.plan import DataPlan
+from sana_appliance.data.sampler import BucketBatchSampler
 
 
 def make_plan(tmp_path: Path, datasets: dict[str, dict]) -> DataPlan:

@@ -28,7 +28,7 @@ from conftest import PLANTED_TOKEN, ROOT, cli_env, run_cli, start_cli
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
-from sana_appliance import checkpoints
+from sana_appliance.run import checkpoints
 
 # Time allowed from the signal to the exit: far inside the smallest documented grace (60 s).
 STOP_WITHIN_S = 45
@@ -158,8 +158,9 @@ def _signal_at(point: int, flag):
 def test_export_abandoned_at_any_point_leaves_final_as_it_was(tmp_path):
     """A real SIGTERM arrives between two export files, at every point in turn: final/ is
     absent or the previous export, never a mix, and no temp folder is left."""
-    from sana_appliance import export, models
-    from sana_appliance.stopping import Abandoned, StopFlag
+    from sana_appliance.distributed.stopping import Abandoned, StopFlag
+    from sana_appliance.model import parts as models
+    from sana_appliance.run import export
 
     parts = models.load_parts(models.builtin_model_path(tmp_path / "cache"), "tiny", torch.float32)
     out = tmp_path / "out"

@@ -51,8 +51,8 @@ def make_images(folder: Path, count: int, size: int, seed: int = 0) -> None:
 
 
 def build_plan(workspace: Path, images: Path, size: int, size_multiple: int):
-    from sana_appliance.dataplan import build_plan as plan_from_config
-    from sana_appliance.resolve import Workspace
+    from ..core.workspace import Workspace
+    from ..data.plan import build_plan as plan_from_config
 
     ws = Workspace(root=workspace, hf_home=workspace / "hf")
     config = workspace / "multidatabackend.json"
@@ -70,7 +70,7 @@ def tiny_vae(ws):
     """The built-in tiny Sana's VAE, loaded as training loads it (fp32, eval, frozen)."""
     from diffusers import AutoencoderDC
 
-    from sana_appliance.models import builtin_model_path
+    from ..model.parts import builtin_model_path
 
     vae = AutoencoderDC.from_pretrained(builtin_model_path(ws.cache_dir), subfolder="vae", torch_dtype=torch.float32)
     vae.requires_grad_(False)
@@ -78,7 +78,7 @@ def tiny_vae(ws):
 
 
 def time_decode(samples) -> float:
-    from sana_appliance.images import load_pixels
+    from ..data.images import load_pixels
 
     t0 = time.perf_counter()
     for sample in samples:
@@ -90,7 +90,7 @@ def time_cache_build(samples, keys, cache, vae, batch_size: int) -> dict[str, fl
     """load_pixels + encode + atomic write of every sample, vae batches per bucket (Run._fill_latents).
 
     Returns seconds per phase (decode, encode, write) and in all."""
-    from sana_appliance.images import load_pixels
+    from ..data.images import load_pixels
 
     by_size: dict[tuple, list[int]] = {}
     for index, sample in enumerate(samples):
@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.images, args.size, args.batches, args.text_tokens, args.text_dim = 16, 64, 8, 16, 32
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    from sana_appliance import caches
-    from sana_appliance.precompute import CachedDataset
-    from sana_appliance.resolve import Workspace
-    from sana_appliance.sampler import BucketBatchSampler
+    from ..core.workspace import Workspace
+    from ..data import caches
+    from ..data.precompute import CachedDataset
+    from ..data.sampler import BucketBatchSampler
 
     results: dict = {"images": args.images, "size_px": args.size, "batch_size": args.batch_size,
                      "text_embedding": [args.text_tokens, args.text_dim], "threads": args.threads}

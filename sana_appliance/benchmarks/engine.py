@@ -3,7 +3,7 @@
     python -m sana_appliance.benchmarks.engine                 # demo preset, 8 rounds x 10 timed steps
     python -m sana_appliance.benchmarks.engine --quick         # 1 round of 4 steps (smoke test)
 
-The engine side is ``sana_appliance.train.Run`` on the demo preset, driven in-process in
+The engine side is ``sana_appliance.run.train.Run`` on the demo preset, driven in-process in
 a temporary WORKSPACE (or --workspace) with validation and periodic checkpoints off.
 ``Run.setup()`` fills the caches before anything is timed; a step's time is the interval
 between two consecutive per-step tracker calls (logging_steps=1), so the held-out eval
@@ -65,9 +65,9 @@ class StepClock:
 
 def build_run(workspace: Path, total_steps: int, workers: int):
     """A demo-preset Run with caches filled, validation and periodic checkpoints disabled."""
-    from sana_appliance.resolve import CliArgs, resolve
-    from sana_appliance.stopping import StopFlag
-    from sana_appliance.train import Run
+    from ..config.resolve import CliArgs, resolve
+    from ..distributed.stopping import StopFlag
+    from ..run.train import Run
 
     workspace.mkdir(parents=True, exist_ok=True)
     output = tempfile.mkdtemp(prefix="out-", dir=workspace)  # fresh: a reused workspace must not resume
@@ -102,8 +102,8 @@ def engine_segment(run, steps: int) -> list[float]:
 
 def cached_batches(run, count: int) -> list[dict]:
     """`count` collated batches in the engine's own sampler order, read from its caches now."""
-    from sana_appliance.precompute import CachedDataset
-    from sana_appliance.sampler import BucketBatchSampler
+    from ..data.precompute import CachedDataset
+    from ..data.sampler import BucketBatchSampler
 
     dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
@@ -115,8 +115,8 @@ def cached_batches(run, count: int) -> list[dict]:
 
 def batch_stream(run, workers: int):
     """Batches read from the cache every step, through a DataLoader as the engine does."""
-    from sana_appliance.precompute import CachedDataset
-    from sana_appliance.sampler import BucketBatchSampler
+    from ..data.precompute import CachedDataset
+    from ..data.sampler import BucketBatchSampler
 
     dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
@@ -130,8 +130,9 @@ class BareLoop:
     gradient clipping, the LR schedule and the EMA update (when the config uses them)."""
 
     def __init__(self, run, batches, *, extras: bool = False):
-        from sana_appliance import models, optimizers
-        from sana_appliance.ema import EMA
+        from ..model import optimizers
+        from ..model import parts as models
+        from ..model.ema import EMA
 
         cfg = self.cfg = run.cfg
         self.run, self.batches, self.extras = run, batches, extras
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         workspace = args.workspace or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-engine-")))
         run = build_run(workspace, args.segment, args.workers)
         stack.callback(run.close)
-        preloaded = cached_batches(run, len(run.sampler))  # one epoch, in memory, cycled
+        preloaded = cached_batches(run, len(run.state.sampler))  # one epoch, in memory, cycled
         loops = {BARE: BareLoop(run, itertools.cycle(preloaded))}
         if not args.no_breakdown:
             loops["bare + clip, LR schedule, EMA"] = BareLoop(run, itertools.cycle(preloaded), extras=True)

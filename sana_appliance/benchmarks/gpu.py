@@ -102,7 +102,7 @@ def train_flops(config: dict, latent_hw: int, text_tokens: int, recomputed_block
 
 def preset_config(name: str):
     """The preset's TrainConfig, resolved as a run resolves it (no environment besides the preset)."""
-    from sana_appliance.resolve import resolve
+    from ..config.resolve import resolve
 
     with tempfile.TemporaryDirectory() as tmp:
         return resolve({"PRESET": name, "WORKSPACE": tmp}).config
@@ -120,8 +120,9 @@ def bench_preset(name: str, model_config: dict, inputs: dict, *, steps: int, war
     """Build the preset's model, optimizer and inputs; time `steps` optimizer steps after `warmup`."""
     from diffusers import SanaTransformer2DModel
 
-    from sana_appliance import models, optimizers
-    from sana_appliance.ema import EMA
+    from ..model import optimizers
+    from ..model import parts as models
+    from ..model.ema import EMA
 
     cfg = preset_config(name)
     weight_dtype = optimizers.weight_dtype(cfg)

@@ -53,8 +53,8 @@ def parameter_shapes() -> dict[str, tuple[int, ...]]:
 
 def preset_layout(name: str) -> dict:
     """Bytes per parameter of each part of the preset's checkpoint, and its documented stop grace."""
-    from sana_appliance import optimizers, presets
-
+    from ..config import presets
+    from ..model import optimizers
     from .gpu import preset_config
 
     cfg = preset_config(name)
@@ -113,7 +113,7 @@ def mem_available_bytes() -> int:
 
 
 def save_once(root: Path, tensors: dict, objects: dict) -> float:
-    from sana_appliance import checkpoints
+    from ..run import checkpoints
 
     t0 = time.perf_counter()
     path = checkpoints.save(root, 1, tensors=tensors, objects=objects, state={"step": 1, "benchmark": True})

@@ -1,0 +1,138 @@
+"""Validation rules: single-key rules from the schema's metadata, and the cross-field rules.
+
+Pure functions over converted values; :mod:`sana_appliance.config.resolve` runs both on every
+resolution (cross-field rules even when single keys failed, so one report lists everything).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+from .. import tracking
+from .schema import field_map
+
+if TYPE_CHECKING:
+    from ..core.workspace import Credentials, HubSettings
+
+QUANTIZED_PRECISIONS = {
+    "nf4-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+    "int8-torchao", "fp8-torchao", "int4-torchao",
+}
+# Sana's DC-AE compresses 32x and the transformer's patch is 1: image sides are multiples of 32.
+SIZE_MULTIPLE = 32
+
+
+def check_rules(key: str, value: Any) -> str | None:
+    """The rule a single value breaks (schema metadata: choices, minimum, maximum), or None."""
+    meta = field_map()[key].metadata
+    if value is None:
+        return None
+    if "choices" in meta and value not in meta["choices"]:
+        return f"must be one of: {', '.join(meta['choices'])}"
+    if "minimum" in meta and value < meta["minimum"]:
+        return f"must be >= {meta['minimum']}"
+    if "exclusive_minimum" in meta and value <= meta["exclusive_minimum"]:
+        return f"must be > {meta['exclusive_minimum']}"
+    if "maximum" in meta and value > meta["maximum"]:
+        return f"must be <= {meta['maximum']}"
+    return None
+
+
+MAX_VALIDATION_SIDE = 4096
+EXAMPLES = {"learning_rate": "1e-5", "ema_decay": "0.999", "flow_schedule_shift": "3.0", "hub_retry_window_s": "300"}
+
+
+def parse_resolutions(text: str) -> list[tuple[int, int]]:
+    """`1024x1024,1280x768` or `512` -> [(width, height), ...]."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)(?:x(\d+))?", part)
+        if not match:
+            raise ValueError(part)
+        width = int(match.group(1))
+        height = int(match.group(2) or width)
+        if width <= 0 or height <= 0:
+            raise ValueError(part)
+        sizes.append((width, height))
+    if not sizes:
+        raise ValueError(text)
+    return sizes
+
+
+def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, hub: HubSettings) -> list[str]:
+    """Rules between keys (and the environment's credentials / offline mode), one line per problem."""
+    problems = []
+
+    def say(key: str, rule: str) -> None:
+        problems.append(f"{key}={cfg[key]!r} (from {where[key]}): {rule}")
+
+    precision = str(cfg["base_model_precision"]).lower()
+    if precision in QUANTIZED_PRECISIONS:
+        say(
+            "base_model_precision",
+            "quantized weights cannot be trained in a full-rank fine-tune (model_type: full). "
+            "Use `no_change`; for the smallest memory use PRESET=lowest-vram, which trains bf16 "
+            "weights with 8-bit Lion and quantizes only the frozen text encoder "
+            "(text_encoder_1_precision: nf4-bnb).",
+        )
+    elif precision != "no_change":
+        say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
+    if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
+        say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
+    try:
+        sizes = parse_resolutions(cfg["validation_resolution"])
+    except ValueError as exc:
+        say("validation_resolution", f"cannot read {str(exc)!r}: use WxH pairs separated by commas, e.g. 1024x1024,1280x768")
+    else:
+        if any(side % SIZE_MULTIPLE for size in sizes for side in size):
+            say("validation_resolution", f"sides must be multiples of {SIZE_MULTIPLE}, e.g. "
+                f"{_nearest_resolution(cfg['validation_resolution'])}")
+        if any(side > MAX_VALIDATION_SIDE for size in sizes for side in size):
+            say("validation_resolution", f"sides must be at most {MAX_VALIDATION_SIDE} (Sana's largest models "
+                "render 4096x4096), e.g. 1024x1024")
+    pushes = [k for k in ("push_to_hub", "push_checkpoints_to_hub") if cfg[k]]
+    if pushes:
+        also = f" (and {pushes[1]})" if len(pushes) > 1 else ""
+        if not cfg["hub_model_id"]:
+            say(pushes[0], "needs hub_model_id, e.g. hub_model_id: your-name/sana-finetune")
+        if hub.offline:
+            say(pushes[0], f"cannot upload while HF_HUB_OFFLINE is set (no network is used); unset HF_HUB_OFFLINE, "
+                f"or set {pushes[0]}: false{also} and upload output/final yourself later")
+        elif not cred.hf_token:
+            say(pushes[0], "needs a Hugging Face write token in the HF_TOKEN environment variable")
+    if cfg["push_checkpoints_to_hub"]:  # refused rather than accepted and ignored
+        say("push_checkpoints_to_hub", "uploading checkpoints is not supported yet: they stay in "
+            "output_dir/checkpoints (copy that folder to keep them elsewhere); set push_checkpoints_to_hub: false "
+            "(push_to_hub uploads the final model)")
+    for name in tracking.selected(cfg["report_to"]):
+        problem = tracking.TRACKERS[name].problem(cred, hub)
+        if problem:
+            say("report_to", problem)
+    if cfg["gradient_checkpointing_interval"] > 1 and not cfg["gradient_checkpointing"]:
+        say("gradient_checkpointing_interval", "has no effect unless gradient_checkpointing: true")
+    resume = cfg["resume_from_checkpoint"]
+    if not resume.strip():
+        say("resume_from_checkpoint", "must be `latest`, `none` or a checkpoint folder")
+    return problems
+
+
+def _nearest_resolution(text: str) -> str:
+    """Valid sizes nearest to `text`: `1000` -> `992 or 1024`, `1000x600,512` -> `992x608,512`."""
+
+    def near(side: int) -> int:
+        return max(SIZE_MULTIPLE, (side + SIZE_MULTIPLE // 2) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+
+    parts = [p.strip().lower() for p in text.split(",") if p.strip()]
+    if len(parts) == 1 and "x" not in parts[0]:
+        side = int(parts[0])
+        low = max(SIZE_MULTIPLE, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        return f"{low} or {low + SIZE_MULTIPLE}" if side > low else str(low)
+    fixed = []
+    for part in parts:
+        sides = [near(int(s)) for s in part.split("x")]
+        fixed.append("x".join(str(s) for s in sides))
+    return ",".join(fixed)

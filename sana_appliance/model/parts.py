@@ -1,0 +1,299 @@
+"""Model parts: the built-in tiny Sana, loading any Sana pipeline folder, checkpointing policy.
+
+Every model, the demo's included, is loaded by the same `from_pretrained` path: the
+tiny model is built in code once, saved in diffusers layout under the cache, and then
+loaded like a downloaded one, so the real loading code runs in every test.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..core.errors import AssetError, ConfigError
+from ..core.fsutil import atomic_folder
+from . import BUILTIN_MODEL
+
+log = logging.getLogger(__name__)
+
+# Bump when the tiny model's architecture or init changes: the folder name is its identity.
+TINY_VERSION = "v2"
+# Width of the tiny Gemma-2 (and so the transformer's caption_channels). Every linear layer's
+# in_features is a multiple of 64, bitsandbytes' nf4 block: its CPU kernel on AVX512-BF16
+# hosts fails on narrower layers, and the tests load this encoder in nf4 (docs/recipe.md).
+TINY_TEXT_WIDTH = 64
+
+
+@dataclass
+class SanaParts:
+    """The loaded pipeline parts; the text encoder and VAE are frozen."""
+
+    path: Path
+    transformer: Any  # SanaTransformer2DModel
+    vae: Any  # AutoencoderDC
+    tokenizer: Any
+    scheduler_config: dict
+    identity: str  # stable id of the weights for cache keys and run.json
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(self.vae.spatial_compression_ratio)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE compression x transformer patch)."""
+        return self.vae_scale_factor * int(self.transformer.config.patch_size)
+
+
+def default_complex_human_instruction() -> list[str]:
+    """The instruction SanaPipeline prepends at inference (read from diffusers, never copied)."""
+    from diffusers import SanaPipeline
+
+    default = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    return list(default)
+
+
+def complex_human_instruction(setting: str) -> list[str] | None:
+    """Map the config value to what SanaPipeline.encode_prompt expects."""
+    if setting == "default":
+        return default_complex_human_instruction()
+    if setting == "disabled":
+        return None
+    return setting.split("\n")
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+def _tiny_tokenizer():
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    symbols = [f"<0x{i:02X}>" for i in range(256)]
+    chars = ["▁"] + list(string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:;'\"!?-()/")
+    vocab = {tok: i for i, tok in enumerate(specials + symbols + chars)}
+    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False)
+
+
+def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH) -> None:
+    """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic).
+    `text_width` is for tests that need another text encoder width (the built-in uses the default)."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
+        num_cross_attention_heads=4, cross_attention_head_dim=16, cross_attention_dim=64,
+        caption_channels=text_width, mlp_ratio=2.5, sample_size=16, patch_size=1,
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=8,
+        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
+        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        upsample_block_type="interpolate", downsample_block_type="Conv",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=text_width // 2,
+            max_position_embeddings=1024,
+            pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        )
+    )
+    # Sana ships a DPM-Solver config with flow_shift 3.0: reproduce that trap-laden shape exactly.
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+        flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2,
+    )
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    # Another machine sharing the cache may have won the rename: its folder is as good as ours.
+    with atomic_folder(dest, existing="keep", is_complete=lambda d: (d / "model_index.json").is_file()) as done:
+        pipe.save_pretrained(done.path, safe_serialization=True)
+        (done.path / "BUILT_BY_SANA_APPLIANCE.json").write_text(
+            json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
+
+
+def builtin_model_path(cache_dir: Path) -> Path:
+    """Build the tiny model once under the cache; later calls return the saved folder."""
+    from filelock import FileLock
+
+    dest = cache_dir / "models" / f"tiny-sana-{TINY_VERSION}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):  # one rank builds, the others wait and load
+        if not (dest / "model_index.json").is_file():
+            log.info("building the built-in tiny Sana at %s", dest)
+            build_tiny_sana(dest)
+    return dest
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_parts(path: Path, identity: str, weight_dtype: torch.dtype) -> SanaParts:
+    """Load a diffusers Sana folder. The transformer is stored in `weight_dtype` (it trains);
+    the VAE stays fp32 (deterministic latents). The text encoder is not loaded here: see load_text_encoder."""
+    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    from transformers import AutoTokenizer
+
+    for sub in ("transformer", "vae", "text_encoder", "tokenizer"):  # text_encoder: loaded on demand
+        if not (path / sub).is_dir():
+            raise AssetError(f"model folder {path} has no {sub}/: it must be a diffusers Sana pipeline folder")
+    transformer = SanaTransformer2DModel.from_pretrained(path, subfolder="transformer", torch_dtype=weight_dtype)
+    vae = AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler_config = json.loads(scheduler_file.read_text()) if scheduler_file.is_file() else {}
+    vae.requires_grad_(False)
+    vae.eval()
+    transformer.requires_grad_(True)
+    transformer.train()
+    return SanaParts(path, transformer, vae, tokenizer, scheduler_config, identity)
+
+
+def load_text_encoder(path: Path, cfg, device: torch.device):
+    """The frozen Gemma-2, only while captions are encoded. `text_encoder_1_precision: nf4-bnb`
+    loads it 4-bit (bitsandbytes), which is safe because it is never trained."""
+    from transformers import Gemma2Model
+
+    if cfg.text_encoder_1_precision == "nf4-bnb":
+        encoder = _load_nf4_text_encoder(path, cfg, device)
+    else:
+        encoder = Gemma2Model.from_pretrained(path / "text_encoder").to(device)
+    encoder.requires_grad_(False)
+    encoder.eval()
+    return encoder
+
+
+_NF4_FIX = ("set text_encoder_1_precision=no_change (e.g. SANA_TEXT_ENCODER_1_PRECISION=no_change): the text encoder "
+            "then runs unquantized while captions are cached (~4 GB more memory during caching only, training is "
+            "unchanged)")
+
+
+def _nf4_error(what: str, exc: BaseException) -> ConfigError:
+    detail = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ConfigError(f"text_encoder_1_precision='nf4-bnb': {what} ({type(exc).__name__}: {detail}). Fix: {_NF4_FIX}")
+
+
+def import_bitsandbytes_for_nf4():
+    """bitsandbytes, or the ConfigError that text_encoder_1_precision=nf4-bnb cannot work here.
+    The preflight calls it too, so the answer comes before any download."""
+    try:
+        import bitsandbytes
+    except ImportError as exc:  # optional at run time: only this setting needs it
+        raise _nf4_error("bitsandbytes is not installed", exc) from exc
+    except (OSError, RuntimeError) as exc:  # installed, but its native library does not load here
+        raise _nf4_error("bitsandbytes is installed but does not load on this machine", exc) from exc
+    return bitsandbytes
+
+
+def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
+    """Gemma-2 in bitsandbytes nf4. Every way this fails (bitsandbytes missing, a build
+    without this machine's kernels, a CPU kernel that refuses the layer shapes) becomes a
+    ConfigError naming the key and the fix, at load time rather than mid-caching."""
+    from transformers import BitsAndBytesConfig, Gemma2Model
+
+    bitsandbytes = import_bitsandbytes_for_nf4()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    # quantize_via=cpu quantizes in host memory first, so a small card never holds the bf16 copy.
+    on_cpu = cfg.quantize_via == "cpu" or device.type != "cuda"
+    try:
+        encoder = Gemma2Model.from_pretrained(path / "text_encoder", quantization_config=quantization,
+                                              device_map={"": "cpu" if on_cpu else device.index or 0})
+        if device.type == "cuda":
+            encoder.to(device)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        raise _nf4_error("the text encoder could not be loaded in 4-bit", exc) from exc
+    linear = [m for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = sum(isinstance(m, bitsandbytes.nn.Linear4bit) for m in linear)
+    if not quantized:  # caching full-precision embeddings under the nf4 key would be a lie
+        raise _nf4_error("no layer was quantized", RuntimeError("transformers ignored the 4-bit config"))
+    # bitsandbytes' kernels fail only when first run (e.g. its CPU nf4 path on AVX512-BF16 hosts
+    # for layers narrower than 64): one two-token forward surfaces that here, with the fix.
+    probe = torch.full((1, 2), int(encoder.config.bos_token_id or 0), dtype=torch.long, device=encoder.device)
+    try:
+        with torch.no_grad():
+            encoder(input_ids=probe)
+    except RuntimeError as exc:
+        raise _nf4_error(f"bitsandbytes' 4-bit kernel refused to run on this {device.type} machine", exc) from exc
+    log.info("text encoder in nf4 (bitsandbytes): %d of %d linear layers 4-bit", quantized, len(linear))
+    return encoder
+
+
+def locate_model(spec: str, revision: str, resolved) -> tuple[Path, dict]:
+    """Find the model folder for `spec`: built-in, local folder, or Hub (via the assets module).
+    Returns (folder, provenance dict for run.json)."""
+    if spec == BUILTIN_MODEL:
+        path = builtin_model_path(resolved.workspace.cache_dir)
+        return path, {"kind": "builtin", "name": spec, "version": TINY_VERSION}
+    from ..hub import download as assets
+
+    source = assets.fetch_model(spec, revision, resolved.workspace, resolved.hub, resolved.credentials)
+    return source.path, {
+        "kind": source.kind, "name": spec, "repo_id": source.repo_id,
+        "revision": source.revision, "commit_sha": source.commit_sha, "path": str(source.path),
+    }
+
+
+def weights_identity(provenance: dict) -> str | None:
+    """Which base weights a run started from, comparable across machines: the Hub commit or the
+    built-in version (a local folder has no identity that survives a move: None)."""
+    if provenance.get("commit_sha"):
+        return f"{provenance.get('repo_id')}@{provenance['commit_sha']}"
+    if provenance.get("kind") == "builtin":
+        return f"{provenance.get('name')}@{provenance.get('version')}"
+    return None
+
+
+def model_identity(provenance: dict) -> str:
+    """What identifies these weights for cache keys: the Hub sha, or the folder + its index file."""
+    if provenance.get("commit_sha"):
+        return f"{provenance['repo_id']}@{provenance['commit_sha']}"
+    if provenance["kind"] == "builtin":
+        return f"{provenance['name']}@{provenance['version']}"
+    path = Path(provenance["path"])
+    stamp = []
+    for sub in ("vae", "text_encoder"):
+        for f in sorted((path / sub).glob("*")):
+            st = f.stat()
+            stamp.append(f"{sub}/{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    return f"local:{path}:{'|'.join(stamp)}"
+
+
+# ---------------------------------------------------------------- memory policy
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return original(*args, **kwargs)
+
+
+def enable_block_checkpointing(transformer, interval: int) -> int:
+    """Recompute every `interval`-th transformer block in backward.
+
+    Wraps the chosen blocks' bound `forward` (an instance attribute), so diffusers' model
+    code and the state_dict keys stay untouched. Returns how many blocks are wrapped."""
+    wrapped = 0
+    for index, block in enumerate(transformer.transformer_blocks):
+        if index % interval == 0:
+            block.forward = functools.partial(_checkpointed_forward, block.forward)
+            wrapped += 1
+    return wrapped

@@ -1,0 +1,126 @@
+"""The final export: a diffusers pipeline folder, single-file transformer weights, a model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..core.fsutil import atomic_folder, atomic_save_safetensors
+
+log = logging.getLogger(__name__)
+COPIED_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def export_final(
+    *,
+    output_dir: Path,
+    transformer,
+    ema_state: dict[str, torch.Tensor] | None,
+    parts,
+    card: str,
+    sample_images: list[Path],
+    check: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write output/final/ (pipeline; EMA weights in the transformer when EMA is on) atomically,
+    plus output/transformer.safetensors and output/transformer_ema.safetensors.
+
+    `check` runs between files (the text encoder alone is GBs); when it raises, the temp folder
+    is removed and final/ stays as it was (absent, or the previous export)."""
+    meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config), default=str)}
+    trained = transformer.state_dict()
+    check()
+    atomic_save_safetensors(trained, output_dir / "transformer.safetensors", meta)
+    if ema_state is not None:
+        check()
+        atomic_save_safetensors(ema_state, output_dir / "transformer_ema.safetensors", meta)
+
+    backup = None
+    if ema_state is not None:
+        backup = {k: v.detach().clone() for k, v in trained.items()}
+        missing, unexpected = transformer.load_state_dict({k: v.to(backup[k].dtype) for k, v in ema_state.items()}, strict=False)
+        assert not unexpected, unexpected
+    final = output_dir / "final"
+
+    def copy_file(source, dest):
+        check()
+        return shutil.copy2(source, dest)
+
+    try:
+        with atomic_folder(final, existing="replace") as done:  # an earlier final/ is replaced as one rename
+            tmp = done.path
+            # The frozen parts are copied byte for byte from the base model folder: exact, and
+            # no need to bring the text encoder back into memory.
+            for name in COPIED_PARTS:
+                source = parts.path / name
+                if source.is_dir():
+                    shutil.copytree(source, tmp / name, copy_function=copy_file)
+                elif source.is_file():
+                    copy_file(source, tmp / name)
+            check()
+            transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            samples = tmp / "samples"
+            samples.mkdir()
+            for image in sample_images:
+                copy_file(image, samples / image.name)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            check()  # the last point to abandon: from here final/ is put in place
+    finally:
+        if backup is not None:
+            transformer.load_state_dict(backup)
+    log.info("exported the fine-tuned pipeline to %s", final)
+    return final
+
+
+def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict,
+               resume_history: list[dict] | None = None) -> str:
+    """A Hub model card. `config` must already be redacted."""
+    base = model_info.get("repo_id") or model_info.get("name")
+    revision = model_info.get("commit_sha") or model_info.get("version") or "local"
+    keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "train_batch_size",
+            "gradient_accumulation_steps", "max_grad_norm", "caption_dropout_probability", "flow_schedule_shift",
+            "flow_schedule_auto_shift", "use_ema", "ema_decay", "seed", "sana_complex_human_instruction"]
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "pipeline_tag: text-to-image",
+        f"base_model: {base}",
+        "tags: [sana, text-to-image, full-rank-fine-tune, sana-appliance]",
+        "---",
+        "",
+        f"# Sana fine-tune of `{base}`",
+        "",
+        f"Full-rank fine-tune trained with sana-appliance for {steps} optimizer steps.",
+        f"Base model: `{base}` at revision `{revision}`.",
+        "",
+        "## Datasets",
+        "",
+    ]
+    lines += [f"- `{d['id']}`: {d['samples']} images, fingerprint `{d.get('fingerprint', '')[:16]}`" for d in datasets]
+    lines += ["", "## Hyperparameters", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | `{config.get(k)}` |" for k in keys if k in config]
+    if resume_history:  # the table above is the final config; these held before each resume
+        lines += ["", "## Changes during training", "",
+                  "The hyperparameters above apply from the last change on; before it:", ""]
+        for entry in resume_history:
+            lines += [f"- resumed at step {entry['step']}: " + ", ".join(
+                f"`{k}` {old!r} -> {new!r}" for k, (old, new) in entry["changed"].items())]
+    if eval_loss:
+        lines += ["", "## Held-out eval loss", ""]
+        if "start_step" in eval_loss:
+            lines += [f"- start (step {eval_loss['start_step']}): {eval_loss['start']:.5f}",
+                      f"- end (step {eval_loss['end_step']}): {eval_loss['end']:.5f}"]
+        else:
+            lines += [f"- {k}: {v:.5f}" for k, v in eval_loss.items()]
+    lines += ["", "## Samples", ""]
+    lines += [f"![{name}](samples/{name})" for name in samples]
+    lines += [
+        "", "## Use", "", "```python", "import torch", "from diffusers import SanaPipeline",
+        "pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', torch_dtype=torch.bfloat16).to('cuda')",
+        f"image = pipe({config.get('validation_prompt')!r}).images[0]", "```", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""One training step as a function: forward, flow-matching loss, backward, clip, optimizer, EMA.
+
+:func:`train_step` advances a :class:`~sana_appliance.run.state.TrainState` by one optimizer
+step over ``gradient_accumulation_steps`` micro-batches and returns the step's metrics as
+tensors (plus the learning rate it applied). Whether to log, checkpoint, validate or stop is
+the loop's business (``Run.train``); nothing here logs or touches the disk.
+
+Random draws, in this order per micro-batch, all from ``state.generator``: caption dropout,
+sigmas, noise. The order is part of reproducibility (a resumed run continues the same stream).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..model.flow import FlowSchedule
+from .state import TrainState
+
+
+@dataclass
+class StepSetup:
+    """What a step computes with; built once per run."""
+
+    cfg: Any
+    model: torch.nn.Module  # runs the forward pass (the data-parallel wrapper when world > 1)
+    parts: Any  # model.parts.Parts: the VAE for uncached pixels, the VAE scale factor
+    schedule: FlowSchedule
+    device: torch.device
+    compute_dtype: torch.dtype  # autocast dtype (fp32: no autocast)
+    weight_dtype: torch.dtype  # the trained weights' dtype
+    empty: tuple[torch.Tensor, torch.Tensor]  # the empty caption's (embeds, mask), for caption dropout
+    no_sync: Callable[[], Any] = contextlib.nullcontext  # skips the gradient all-reduce of a non-final micro-batch
+
+
+def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas: torch.Tensor | None = None,
+              dropout: bool = True) -> torch.Tensor:
+    """The flow-matching MSE of one batch (latents or pixels, caption embeddings and masks)."""
+    cfg = setup.cfg
+    if "pixels" in batch:
+        with torch.no_grad():
+            vae = setup.parts.vae.to(setup.device)
+            latents = vae.encode(batch["pixels"].to(setup.device, torch.float32)).latent * vae.config.scaling_factor
+    else:
+        latents = batch["latents"].to(setup.device, torch.float32)
+    embeds, mask = batch["embeds"], batch["mask"]
+    n = latents.shape[0]
+    if dropout and cfg.caption_dropout_probability > 0:
+        drop = torch.rand(n, generator=generator) < cfg.caption_dropout_probability
+        if drop.any():
+            empty_e, empty_m = setup.empty
+            embeds, mask = embeds.clone(), mask.clone()
+            embeds[drop], mask[drop] = empty_e.to(embeds.dtype), empty_m
+    if sigmas is None:
+        h, w = latents.shape[-2] * setup.parts.vae_scale_factor, latents.shape[-1] * setup.parts.vae_scale_factor
+        sigmas = setup.schedule.sample_sigmas(n, generator, setup.schedule.shift_for(h, w))
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(setup.device)
+    sigmas = sigmas.to(setup.device)
+    noisy, target = setup.schedule.noisy_and_target(latents, noise, sigmas)
+    with torch.autocast(setup.device.type, dtype=setup.compute_dtype, enabled=setup.compute_dtype != torch.float32):
+        pred = setup.model(noisy.to(setup.weight_dtype), encoder_hidden_states=embeds.to(setup.device, setup.weight_dtype),
+                           encoder_attention_mask=mask.to(setup.device), timestep=sigmas * 1000, return_dict=False)[0]
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict]) -> dict[str, Any]:
+    """One optimizer step over the next ``gradient_accumulation_steps`` batches.
+
+    Returns ``loss`` and ``grad_norm`` (tensors), ``lr`` (the rate this step applied) and
+    ``finite``. A non-finite loss or gradient skips the update (the scaler still updates, the
+    schedule and EMA do not move); the caller counts it. ``state.step`` is not advanced here.
+    """
+    cfg = setup.cfg
+    accumulation = cfg.gradient_accumulation_steps
+    losses = []
+    for micro in range(accumulation):
+        batch = next(batches)
+        last = micro == accumulation - 1
+        with contextlib.nullcontext() if last else setup.no_sync():
+            loss = flow_loss(setup, batch, state.generator)
+            state.scaler.scale(loss / accumulation).backward()
+        losses.append(loss.detach())
+    loss = torch.stack(losses).mean()
+    state.scaler.unscale_(state.optimizer)
+    params = [p for p in state.transformer.parameters() if p.grad is not None]
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step applies (read before the schedule moves on)
+    if finite:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.lr_scheduler.step()
+        if state.ema is not None:
+            state.ema.update(state.transformer)
+    else:
+        state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}

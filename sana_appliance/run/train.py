@@ -1,0 +1,640 @@
+"""The training run: build everything, resume, loop, export, upload, close.
+
+Reads top to bottom. Every random draw of the loop (caption dropout, sigmas, noise) comes
+from one generator owned by the run and saved in checkpoints; data order comes from the
+bucket sampler and the count of batches consumed. Same seed, data and config: same numbers,
+and a resumed run continues the exact sequence of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import tracking
+from ..config.resolve import Resolved
+from ..config.schema import BUILTIN_DATASET
+from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError
+from ..data import precompute
+from ..data.precompute import CachedDataset
+from ..distributed.stopping import Abandoned, StopFlag, StopVote
+from ..model import parts as models
+from ..model.flow import FlowSchedule
+from . import checkpoints, runinfo, validation
+from .state import TrainState
+from .step import StepSetup, flow_loss, train_step
+
+log = logging.getLogger(__name__)
+
+EVAL_SAMPLES = 8
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # Workers must not die on the SIGTERM meant for the trainer (it saves, then stops them).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Run:
+    def __init__(self, resolved: Resolved, stop: StopFlag):
+        self.resolved = resolved
+        self.cfg = resolved.config
+        self.output_dir = Path(self.cfg.output_dir)
+        self.ckpt_root = self.output_dir / "checkpoints"
+        self.timings: dict[str, float] = {}
+        self.stop = stop  # installed by the caller, before setup (distributed/stopping.py)
+        self._vote: StopVote | None = None
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Everything before the first step, in order: process, model and data, caches, state."""
+        t0 = time.monotonic()
+        generator = self._start_process()
+        self._load_model_and_data()
+        self.timings["setup_s"] = time.monotonic() - t0
+        t0 = time.monotonic()
+        self._fill_caches()
+        self.timings["cache_s"] = time.monotonic() - t0
+        self._build_state(generator)
+
+    def _start_process(self) -> torch.Generator:
+        """Accelerator, rank discipline, seeds; the checkpoint to resume; the dataloader config checked.
+        Returns the loop's generator (seeded per rank)."""
+        from accelerate import Accelerator
+
+        from ..model import optimizers
+
+        cfg = self.cfg
+        import diffusers
+        import transformers
+
+        # Per-file "Loading weights" bars would bury the one progress bar a person reads.
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.is_main = self.accelerator.is_main_process
+        if not self.is_main:  # rank discipline: one process logs
+            logging.getLogger("sana_appliance").setLevel(logging.WARNING)
+        self.device = self.accelerator.device
+        self.world = self.accelerator.num_processes
+        self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
+        self.weight_dtype = optimizers.weight_dtype(cfg)
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+            torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        torch.manual_seed(cfg.seed)
+        generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
+        if self.is_main and checkpoints.starts_fresh(cfg.resume_from_checkpoint):
+            _set_aside_earlier_run(self.output_dir)
+        self.accelerator.wait_for_everyone()
+        self.resume_ref = self._choose_checkpoint()
+        self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
+        return generator
+
+    def _load_model_and_data(self) -> None:
+        """The base model (downloaded or built once), the flow schedule, the data plan and eval samples."""
+        from ..data.plan import build_plan
+
+        cfg = self.cfg
+        with self.accelerator.main_process_first():  # rank 0 downloads or builds; the others then find it cached
+            model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
+        identity = models.model_identity(self.model_info)
+        self.parts = models.load_parts(model_path, identity, self.weight_dtype)
+        self.schedule = FlowSchedule.from_config(cfg, self.parts.scheduler_config)
+
+        per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
+        self.plan = build_plan(cfg.data_backend_config, self.resolved.workspace, size_multiple=self.parts.size_multiple,
+                               seed=cfg.seed, min_samples=per_step, hub=self.resolved.hub,
+                               credentials=self.resolved.credentials)
+        if self.is_main:
+            self.plan.write_report(self.output_dir)
+        if cfg.data_backend_config == BUILTIN_DATASET:
+            from ..data.plan import demo_eval_samples
+
+            self.eval_samples = demo_eval_samples(self.resolved.workspace, size_multiple=self.parts.size_multiple, seed=cfg.seed)
+        else:  # no held-out split in a user's data: a fixed subset, still a fixed measurement
+            self.eval_samples = self.plan.samples[:EVAL_SAMPLES]
+
+    def _build_state(self, generator: torch.Generator) -> None:
+        """The TrainState (weights on the device, sampler, optimizer, schedule, scaler, EMA), resumed
+        from the chosen checkpoint; the disk check for checkpoints; the trackers."""
+        from ..data.sampler import BucketBatchSampler
+        from ..model import optimizers
+
+        cfg = self.cfg
+        transformer = self.parts.transformer.to(self.device)
+        if cfg.gradient_checkpointing:
+            models.enable_block_checkpointing(transformer, cfg.gradient_checkpointing_interval)
+        sampler = BucketBatchSampler(self.plan, cfg.train_batch_size, cfg.seed, num_replicas=self.world,
+                                     rank=self.accelerator.process_index)
+        micro_per_epoch = max(1, len(sampler))
+        self.max_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+        optimizer = optimizers.build_optimizer(cfg, [p for p in transformer.parameters() if p.requires_grad])
+        lr_scheduler = optimizers.build_lr_scheduler(cfg, optimizer, self.max_steps)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
+        ema = self._new_ema(transformer) if cfg.use_ema else None
+        self.model = self.accelerator.prepare(transformer) if self.world > 1 else transformer
+        self.state = TrainState(transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
+                                generator=generator, sampler=sampler, ema=ema)
+
+        bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
+        n_params = sum(p.numel() for p in transformer.parameters())
+        self.ckpt_bytes = checkpoints.estimate_bytes(n_params, torch.finfo(self.weight_dtype).bits // 8, bytes_per_param, cfg.use_ema)
+        checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
+
+        self.last_saved_step: int | None = None
+        self.eval_logged: tuple[int, float | None] = (-1, None)  # (step, value) of the last eval loss logged
+        self._resume()
+        self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.state.step,
+                                      self.state.tracker_run_id, self.resolved.hub.wandb_mode, self.is_main)
+
+    def _new_ema(self, transformer):
+        from ..model.ema import EMA
+
+        return EMA(transformer, self.cfg.ema_decay)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def _check_data_config(self) -> None:
+        from ..data.backends import BACKEND_TYPES, load_data_config
+
+        spec, workspace = self.cfg.data_backend_config, self.resolved.workspace
+        if spec is None:
+            raise ConfigError(
+                f"data_backend_config is not set and {workspace.config_dir / 'multidatabackend.json'} does not exist: "
+                "put your SimpleTuner multidatabackend.json there, or set DATALOADER_CONFIG=path/to/it "
+                "(README: Training your own data)")
+        backends, _ = load_data_config(spec, workspace)
+        missing = [f"`{b.id}`: {b.instance_data_dir}" for b in backends
+                   if BACKEND_TYPES[b.type].folder_exists_before_run and not b.instance_data_dir.is_dir()]
+        if missing:
+            raise DataError(f"dataset folders not found ({spec}): {'; '.join(missing)}. Put the images there or fix "
+                            "instance_data_dir (relative paths resolve against WORKSPACE).")
+
+    def _fill_caches(self) -> None:
+        """Encode every caption and image not yet cached; then the frozen parts leave the accelerator.
+
+        Checks for a stop per batch: entries are atomic, so the run just stops, and the next
+        start finds what was written here."""
+        try:
+            with self.stop.deferred():
+                prepared = precompute.prepare(self.cfg, self.parts, self.plan, self.eval_samples, device=self.device,
+                                              compute_dtype=self.compute_dtype, rank=self.accelerator.process_index,
+                                              world=self.world, vote=self.vote)
+        except Abandoned:
+            raise self.stop.error("while filling the caches: nothing to save (cache entries already written are "
+                                  "complete and are reused by the next start)") from None
+        self.text_cache, self.latent_caches, self.prompts = prepared.text_cache, prepared.latent_caches, prepared.prompts
+        self.latent_keys, self.eval_keys, self.cache_stats = prepared.latent_keys, prepared.eval_keys, prepared.stats
+        if self.is_main:
+            stats = self.cache_stats
+            hits, misses = stats["latent_hits"], stats["latent_encoded"]
+            log.info("caches: text embeddings %d hit / %d encoded; latents %d hit / %d encoded (hit rate %.0f%%)",
+                     stats["text_hits"], stats["text_encoded"], hits, misses, 100.0 * hits / max(1, hits + misses))
+
+    # ------------------------------------------------------------ state
+
+    def _save_checkpoint(self) -> Path:
+        state = self.state
+        rngs = [state.random_streams()]
+        if self.world > 1:  # every rank's streams go into the one folder rank 0 writes
+            mine, rngs = rngs[0], [None] * self.world
+            torch.distributed.all_gather_object(rngs, mine)
+        objects = state.objects(rngs)
+        progress = state.progress(world_size=self.world, config_hash=checkpoints.config_hash(dataclasses.asdict(self.cfg)),
+                                  config=self.resolved.redacted(), model=self.model_info)
+        progress["tracker_run_id"] = self.tracker.run_id  # the tracker may have started one since the resume
+        path = None
+        if self.is_main:  # weights are identical on every rank; rank 0 writes the folder
+            t0 = time.monotonic()
+            path = checkpoints.save(self.ckpt_root, state.step, tensors=state.tensors(), objects=objects, state=progress)
+            checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
+            self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
+            log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
+        self.last_saved_step = state.step
+        self.accelerator.wait_for_everyone()
+        return path or self.ckpt_root / f"checkpoint-{state.step}"
+
+    def _choose_checkpoint(self) -> checkpoints.CheckpointRef | None:
+        """The checkpoint to resume from: rank 0 verifies (moving damaged ones aside), all ranks take its choice."""
+        if self.world == 1:
+            return checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
+        from accelerate.utils import broadcast_object_list
+
+        choice = None
+        if self.is_main:
+            try:
+                ref = checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
+                choice = None if ref is None else ("ref", str(ref.path), ref.step)
+            except ConfigError as exc:  # every rank must raise it, not wait for a choice
+                choice = ("error", exc.problems)
+        choice = broadcast_object_list([choice], from_process=0)[0]
+        if choice is None:
+            return None
+        if choice[0] == "error":
+            raise ConfigError(choice[1])
+        return checkpoints.CheckpointRef(Path(choice[1]), choice[2])
+
+    def _resume(self) -> None:
+        """Load the chosen checkpoint; one that fails to load is moved aside and the next older one is tried."""
+        ref = self.resume_ref
+        while ref is not None:
+            problems = []
+            try:
+                loaded = checkpoints.load(ref)
+            except checkpoints.CheckpointDamaged as exc:
+                loaded, problems = None, exc.problems
+            if self.world > 1:  # every rank must have loaded the same folder
+                bad = torch.tensor([0.0 if loaded else 1.0], device=self.device)
+                if float(self.accelerator.reduce(bad, reduction="sum")) > 0 and loaded:
+                    loaded, problems = None, ["it failed to load on another rank"]
+            if loaded:
+                self._apply_checkpoint(ref, *loaded)
+                return
+            if self.cfg.resume_from_checkpoint.lower() != "latest":
+                raise ConfigError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint!r}: {ref.path} is damaged "
+                                  f"({'; '.join(problems)}); use `latest` or another checkpoint")
+            if self.is_main:
+                checkpoints.quarantine(ref, problems)
+            self.accelerator.wait_for_everyone()
+            ref = self.resume_ref = self._choose_checkpoint()
+
+    def _apply_checkpoint(self, ref, tensors: dict, objects: dict, state: dict) -> None:
+        saved_config = state.get("config", {})
+        errors, notes = checkpoints.compare_configs(saved_config, self.resolved.redacted())
+        if state.get("world_size", 1) != self.world:
+            log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
+        before = state.get("model") or {}
+        if models.weights_identity(before) != models.weights_identity(self.model_info):
+            errors.append(f"the base model changed since the checkpoint ({models.weights_identity(before)} -> "
+                          f"{models.weights_identity(self.model_info)}): the trained transformer would be paired with "
+                          "another VAE and text encoder. Pin revision to the checkpoint's commit")
+        if state["step"] > self.max_steps:
+            errors.append(f"the checkpoint is at step {state['step']}, past max_train_steps={self.max_steps}: raise "
+                          "max_train_steps, or name an earlier checkpoint in resume_from_checkpoint")
+        if errors:
+            raise ConfigError([f"cannot resume from {ref.path}: {e}; or use resume_from_checkpoint=none or a new output_dir"
+                               for e in errors])
+        for note in notes:
+            log.warning("resume: %s", note)
+        current = self.resolved.redacted()
+        changed = {k: [saved_config.get(k), current.get(k)] for k in sorted(set(saved_config) | set(current))
+                   if saved_config.get(k) != current.get(k) and k not in ("output_dir", "resume_from_checkpoint")}
+        # What was trained with which settings: run.json and the model card list every change and its step.
+        self.state.resume_history = list(state.get("resume_history", [])) + ([{"step": state["step"], "changed": changed}]
+                                                                        if changed else [])
+        try:
+            self.state.load_weights(tensors, objects, self._new_ema)
+            self.state.load_training(objects, self.cfg, self.max_steps)
+        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or optimizer layout of another model
+            raise ConfigError(f"cannot resume from {ref.path}: its state does not fit this model or optimizer "
+                              f"({exc.__class__.__name__}: {str(exc)[:300]}); use resume_from_checkpoint=none or a new "
+                              "output_dir") from None
+        self._restore_streams(ref, objects, state, saved_config)
+
+    def _restore_streams(self, ref, objects: dict, progress: dict, saved_config: dict) -> None:
+        seed = self.cfg.seed
+        new_seed = None if saved_config.get("seed", seed) == seed else seed
+        self.state.load_progress(objects, progress, self.accelerator.process_index, new_seed=new_seed)
+        self.last_saved_step = self.state.step
+        log.info("resumed from %s (step %d); next step's learning rate %.3g", ref.path.name, self.state.step,
+                 self.state.lr_scheduler.get_last_lr()[0])
+
+    # ------------------------------------------------------------ loop
+
+    def _batches(self) -> Iterator[dict]:
+        """Batches in sampler order; after a resume the sampler continues at the saved position."""
+        dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.state.sampler, num_workers=self.cfg.dataloader_num_workers,
+                                             worker_init_fn=_ignore_stop_signals, pin_memory=self.device.type == "cuda")
+        for batch in loader:
+            self.state.batches_consumed += 1
+            yield batch
+
+    def _step_setup(self) -> StepSetup:
+        no_sync = (lambda: self.accelerator.no_sync(self.model)) if self.world > 1 else contextlib.nullcontext
+        return StepSetup(cfg=self.cfg, model=self.model, parts=self.parts, schedule=self.schedule, device=self.device,
+                         compute_dtype=self.compute_dtype, weight_dtype=self.weight_dtype, empty=self.empty,
+                         no_sync=no_sync)
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Loss on fixed samples with fixed sigmas and noise: comparable across steps and runs."""
+        dataset = CachedDataset(self.eval_samples, self.eval_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+        count = min(EVAL_SAMPLES, len(dataset))
+        generator = torch.Generator("cpu").manual_seed(1234)
+        sigmas = torch.linspace(0.1, 0.9, count)
+        transformer, setup = self.state.transformer, self._step_setup()
+        was_training = transformer.training
+        transformer.eval()
+        total = 0.0
+        for i in range(count):
+            item = dataset[i]
+            batch = {k: v[None] for k, v in item.items()}
+            total += float(flow_loss(setup, batch, generator, sigmas=sigmas[i:i + 1], dropout=False))
+        transformer.train(was_training)
+        return total / max(1, count)
+
+    def _validate(self) -> dict:
+        if not self.prompts:
+            return {}
+        embeds = validation.encode_validation_prompts(self.prompts, self.text_cache)
+        transformer, ema = self.state.transformer, self.state.ema
+        context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
+        with context:  # restores the training weights also when a stop abandons the round
+            return validation.run_validation(step=self.step, cfg=self.cfg, transformer=transformer, parts=self.parts,
+                                             prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
+                                             device=self.device, dtype=self.weight_dtype, check=self.vote.check)
+
+    def _start_eval(self) -> None:
+        """The held-out eval loss before the first step (a resumed run keeps reporting the first run's)."""
+        state, eval_now = self.state, self.eval_loss()
+        if state.eval_first is None:
+            state.eval_first = {"step": state.step, "value": eval_now}
+        self.eval_start = state.eval_first["value"]
+        self.eval_logged = (state.step, eval_now)
+        if self.is_main:
+            log.info("held-out eval loss at step %d: %.5f", state.step, eval_now)
+            self.tracker.log(state.step, {"eval_loss": eval_now})
+
+    def train(self) -> None:
+        """The cadence around train_step: count skipped steps, log, checkpoint, validate, stop."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        self.empty = self.text_cache.load(self.text_cache.empty_key())
+        negative = cfg.validation_negative_prompt
+        self.negative = self.text_cache.load(self.text_cache.negative_key(negative)) if negative and self.prompts else self.empty
+        self._start_eval()
+        setup, batches, consecutive_bad = self._step_setup(), self._batches(), 0
+        samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
+        bar = tqdm(total=self.max_steps, initial=state.step, disable=not self.is_main, unit="step", dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 10.0)
+        t_loop, steps_run = time.monotonic(), 0
+        while state.step < self.max_steps:
+            out = train_step(setup, state, batches)
+            state.step += 1
+            steps_run += 1
+            if out["finite"]:
+                consecutive_bad = 0
+            else:
+                consecutive_bad += 1
+                state.nonfinite_total += 1
+                log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row)",
+                            state.step, float(out["loss"]), float(out["grad_norm"]), consecutive_bad)
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    raise DivergedError(
+                        f"training diverged: {consecutive_bad} consecutive steps with non-finite loss or gradients, last "
+                        f"at step {state.step}. The last checkpoint is intact; lower learning_rate, use "
+                        "mixed_precision=bf16, or raise max_nonfinite_steps.")
+            metrics = {"loss": float(out["loss"]), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
+                       "samples_per_s": samples_per_step * steps_run / max(time.monotonic() - t_loop, 1e-9),
+                       "skipped_steps": state.nonfinite_total, "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", sps=f"{metrics['samples_per_s']:.1f}",
+                            mem=f"{metrics['peak_mem_gib']:.1f}G", refresh=False)
+            if self.is_main and state.step % cfg.logging_steps == 0:
+                self.tracker.log(state.step, metrics)
+            if state.step % cfg.checkpointing_steps == 0 and state.step < self.max_steps:
+                self._save_checkpoint()
+            if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < self.max_steps:
+                self._validation_round()  # a stop abandons it; the vote below then stops every rank
+            if self.vote.agree():
+                bar.close()
+                raise self._stop_training()
+        bar.close()
+        self.timings["train_s"] = time.monotonic() - t_loop
+
+    @property
+    def vote(self) -> StopVote:
+        if self._vote is None:
+            self._vote = StopVote(self.stop, self.world, self.device)
+        return self._vote
+
+    def _stop_training(self) -> ApplianceError:
+        """Every rank, together: checkpoint unsaved progress; the StopRequested to raise."""
+        if self.step > (self.last_saved_step or 0):
+            self._save_checkpoint()
+            return self.stop.error(f"at step {self.step} after saving checkpoint-{self.step}", self.step)
+        saved = f"checkpoint-{self.step} was already saved" if self.step else "no training step had run, nothing to save"
+        return self.stop.error(f"at step {self.step}; {saved}", self.step)
+
+    def _validation_round(self) -> bool:
+        """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
+        the round at the next sampler step (no images of it are logged). All ranks return the
+        same answer: True when a stop was requested."""
+        if self.is_main:
+            log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.prompts))
+            try:
+                images = self._validate()
+                self.vote.check()
+                if self.eval_logged[0] != self.step:  # measured once per step (a resumed run's start is this step)
+                    eval_now = self.eval_loss()
+                    self.tracker.log(self.step, {"eval_loss": eval_now})
+                    self.eval_logged = (self.step, eval_now)
+                self.tracker.log_images(self.step, images)
+            except Abandoned:
+                log.warning("validation at step %d abandoned: a stop was requested", self.step)
+            except (RuntimeError, MemoryError) as exc:  # e.g. out of memory at a large validation_resolution
+                # Validation only shows progress: losing a round must not lose the run, or loop its restarts.
+                log.warning("validation at step %d failed and was skipped, training goes on (%s: %s); lower "
+                            "validation_resolution or validation_num_inference_steps, or set validation_steps=0",
+                            self.step, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return self.vote.finish()
+
+    # ------------------------------------------------------------ finish
+
+    def finish(self) -> None:
+        """Save the final step, validate, export. From the save on, a stop loses nothing: the
+        next start resumes at the final step and redoes only validation and export."""
+        from . import export
+
+        cfg = self.cfg
+        if self.last_saved_step != self.step:
+            self._save_checkpoint()
+        redo = (f"checkpoint-{self.step} holds the final weights: the next start validates and exports "
+                "again without training")
+        if cfg.validation_steps and self._validation_round():
+            raise self.stop.error(f"during the final validation; {redo}", self.step)
+        if not self.is_main:
+            return
+        if self.eval_logged[0] == self.step:  # the final validation round just measured it
+            self.eval_end = self.eval_logged[1]
+        else:
+            self.eval_end = self.eval_loss()
+            self.tracker.log(self.step, {"eval_loss": self.eval_end})
+        log.info("held-out eval loss: %.5f at step %d (start) -> %.5f at step %d", self.eval_start, self.state.eval_first["step"],
+                 self.eval_end, self.step)
+        config = self.resolved.redacted()
+        datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
+        samples = validation.latest_images(self.output_dir / "validation")
+        card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
+                                 samples=[p.name for p in samples],
+                                 eval_loss=self._eval_summary(), resume_history=self.state.resume_history)
+        ema = self.state.ema
+        ema_state = ema.to_state_dict_for_export(self.weight_dtype) if ema is not None else None
+        try:
+            export.export_final(output_dir=self.output_dir, transformer=self.state.transformer, ema_state=ema_state,
+                                parts=self.parts, card=card, sample_images=samples, check=self.stop.check)
+        except Abandoned:
+            raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
+        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
+                      timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
+                                                   "resume_history": self.state.resume_history, "caches": self.cache_stats,
+                                                   "skipped_steps": self.state.nonfinite_total})
+
+    def _eval_summary(self) -> dict:
+        return {"start": self.eval_start, "start_step": self.state.eval_first["step"], "end": self.eval_end, "end_step": self.step}
+
+    def close(self) -> None:
+        tracker, self.tracker = getattr(self, "tracker", None), None
+        if tracker is not None:
+            tracker.close()
+
+
+# What a run writes into output_dir (set aside as a whole when a fresh run starts there).
+RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json",
+               "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER,
+               *(spec.folder for spec in tracking.TRACKERS.values() if spec.folder))
+
+
+def _set_aside_earlier_run(output_dir: Path) -> None:
+    """resume_from_checkpoint=none in a used output folder: the earlier run's files move to
+    previous-runs/<time>/ (nothing is deleted, and `latest` can never pick its checkpoints up)."""
+    earlier = [output_dir / name for name in RUN_OUTPUTS if os.path.lexists(output_dir / name)]
+    if not earlier:
+        return
+    target = output_dir / "previous-runs" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    n = 1
+    while target.exists():
+        target = target.with_name(f"{target.name.split('.')[0]}.{n}")
+        n += 1
+    target.mkdir(parents=True)
+    for path in earlier:
+        os.replace(path, target / path.name)
+    log.warning("resume_from_checkpoint=none: this output folder held an earlier run; its files (%s) were moved "
+                "to %s, nothing was deleted", ", ".join(sorted(p.name for p in earlier)), target)
+
+
+def _dataset_summary(backend_id: str, samples: list) -> dict:
+    """Per dataset: sample count and a fingerprint of exactly what was trained (pixels + captions)."""
+    import hashlib
+
+    from ..data.images import sample_key
+
+    digest = hashlib.sha256()
+    for sample in sorted(samples, key=sample_key):
+        digest.update(f"{sample_key(sample)}\t{sample.caption}\n".encode())
+    return {"id": backend_id, "samples": len(samples), "fingerprint": digest.hexdigest()}
+
+
+UPLOAD_STOPPED = f"the upload is recorded as pending in {runinfo.COMPLETE_MARKER}: the next start uploads again (without training)"
+
+
+def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
+    """The whole job. `stop` is the installed StopFlag (the CLI installs it before the heavy imports)."""
+    owned = stop is None
+    stop = stop or StopFlag().install()
+    try:
+        if not _finish_earlier_run(resolved, stop):
+            _train_and_publish(resolved, stop)
+    finally:
+        if owned:
+            stop.restore()
+
+
+def _finish_earlier_run(resolved: Resolved, stop: StopFlag) -> bool:
+    """True when this output already holds the finished job: nothing to do, or only its upload."""
+    from ..hub import upload
+
+    cfg = resolved.config
+    output_dir = Path(cfg.output_dir)
+    record = runinfo.completion_record(output_dir, cfg)
+    if record is None:
+        return False
+    done = record["step"]
+    if not upload.wanted(resolved, record.get("upload")):
+        # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
+        log.info("this run already finished at step %d: outputs are in %s. Nothing to do; raise max_train_steps "
+                 "to train further, or set resume_from_checkpoint=none to start over.", done, output_dir)
+        pushed = record.get("upload")
+        if isinstance(pushed, dict) and pushed.get("status") == "uploaded":
+            log.info("final/ is on the Hub: %s at %s (commit %s)", pushed.get("repo"), pushed.get("endpoint"),
+                     pushed.get("commit"))
+        elif isinstance(pushed, dict):
+            log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
+                        pushed.get("status"))
+        return True
+    problems = upload.end_problems(output_dir)
+    if problems:
+        log.warning("this run finished at step %d but its export is incomplete (%s): exporting it again from the "
+                    "last checkpoint before uploading", done, "; ".join(problems))
+        return False
+    if resolved.worker_rank in (None, 0):  # rank 0 uploads; other workers have nothing to do
+        log.info("this run already finished at step %d; uploading %s without retraining or re-exporting",
+                 done, output_dir / "final")
+        with stop.immediate("the Hub upload", UPLOAD_STOPPED):
+            _publish(resolved, output_dir, done)
+    return True
+
+
+def _train_and_publish(resolved: Resolved, stop: StopFlag) -> None:
+    run = Run(resolved, stop)
+    try:
+        # Nothing to save until training starts; caching runs deferred inside (it checks per batch).
+        with stop.immediate("setup (download, model load, dataset scan)", "nothing to save yet"):
+            run.setup()
+        run.train()
+        run.finish()
+        run.close()  # trackers flushed before the upload, which a signal may end abruptly
+        if run.is_main:
+            with stop.immediate("the Hub upload", UPLOAD_STOPPED):
+                _publish(resolved, run.output_dir, run.step)
+    except ApplianceError:
+        raise
+    except Exception as exc:
+        if not stop.requested:
+            raise
+        # E.g. a peer rank that stopped first closed the process group under this one: the
+        # stop, not this error, is what happened.
+        log.warning("after the stop request: %s: %s", type(exc).__name__, exc)
+        raise stop.error("while the other processes were stopping") from None
+    finally:
+        run.close()
+
+
+def _publish(resolved: Resolved, output_dir: Path, step: int) -> None:
+    """Mark the run complete, then push final/ when push_to_hub asks. The marker says `pending` while
+    the upload runs and `failed` (exit 3) when it gives up, so the next start uploads without retraining."""
+    from ..core.errors import AssetError
+    from ..hub import upload
+
+    cfg = resolved.config
+    if not cfg.push_to_hub:
+        runinfo.mark_complete(output_dir, cfg, step)
+        return
+    runinfo.mark_complete(output_dir, cfg, step, upload=upload.pending(resolved))
+    try:
+        pushed = upload.publish(resolved, output_dir)
+    except AssetError as exc:
+        runinfo.mark_complete(output_dir, cfg, step, upload=upload.failed(resolved, exc))
+        raise
+    runinfo.mark_complete(output_dir, cfg, step, upload=pushed)

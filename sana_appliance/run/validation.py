@@ -1,0 +1,129 @@
+"""Validation images with SanaPipeline built from the trained transformer and the frozen parts.
+
+Prompts are encoded once, while the text encoder is loaded for caching, so validation needs
+no text encoder on the accelerator. Each call builds a fresh scheduler from the model's own
+config (the training schedule is a separate object: docs/recipe.md, section 3), draws noise
+from its own generator seeded with validation_seed, and runs inside `torch.random.fork_rng`
+so the training RNG streams are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config.prompts import load_prompt_set
+from ..config.rules import parse_resolutions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    nickname: str
+    prompt: str
+    embeds: torch.Tensor  # [L, D]
+    mask: torch.Tensor  # [L]
+
+
+def load_prompts(cfg) -> dict[str, str]:
+    """nickname -> prompt: validation_prompt (as `validation`) plus user_prompt_library, every
+    nickname a unique file name (see :mod:`sana_appliance.config.prompts`; the CLI reported renames)."""
+    return load_prompt_set(cfg).prompts
+
+
+def image_name(step: int, nickname: str, width: int, height: int) -> str:
+    return f"step{step:07d}_{nickname}_{width}x{height}.png"
+
+
+@torch.no_grad()
+def run_validation(
+    *,
+    step: int,
+    cfg,
+    transformer,
+    parts,
+    prompts: list[PromptEmbeds],
+    empty: tuple[torch.Tensor, torch.Tensor],
+    out_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    check: Callable[[], None] = lambda: None,
+) -> dict[str, object]:
+    """Generate every prompt at every validation resolution. Returns {name: PIL image}.
+
+    `check` runs before each image and after each sampler step; it raises to abandon the
+    round (a stop request), leaving only the images finished before it."""
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = DPMSolverMultistepScheduler.from_config(parts.scheduler_config) if parts.scheduler_config else DPMSolverMultistepScheduler()
+    vae_device = next(parts.vae.parameters()).device
+    parts.vae.to(device)
+    was_training = transformer.training
+    transformer.eval()
+    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=parts.vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def after_step(_pipe, _step, _timestep, tensors):
+        check()
+        return tensors
+
+    images = {}
+    devices = [device.index] if device.type == "cuda" and device.index is not None else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            for width, height in parse_resolutions(cfg.validation_resolution):
+                for item in prompts:
+                    check()
+                    generator = torch.Generator("cpu").manual_seed(cfg.validation_seed)
+                    latents = torch.randn(
+                        (1, transformer.config.in_channels, height // parts.vae_scale_factor, width // parts.vae_scale_factor),
+                        generator=generator, dtype=torch.float32,
+                    ).to(device, dtype)
+                    result = pipe(
+                        prompt_embeds=item.embeds[None].to(device, dtype),
+                        prompt_attention_mask=item.mask[None].to(device),
+                        negative_prompt=None,
+                        negative_prompt_embeds=empty[0][None].to(device, dtype),
+                        negative_prompt_attention_mask=empty[1][None].to(device),
+                        guidance_scale=cfg.validation_guidance,
+                        num_inference_steps=cfg.validation_num_inference_steps,
+                        height=height, width=width, latents=latents,
+                        use_resolution_binning=False, output_type="pil",
+                        callback_on_step_end=after_step, callback_on_step_end_tensor_inputs=[],
+                    )
+                    image = result.images[0]
+                    name = image_name(step, item.nickname, width, height)
+                    tmp = out_dir / f".{name}.tmp"
+                    image.save(tmp, format="PNG")
+                    tmp.replace(out_dir / name)
+                    images[f"{item.nickname}_{width}x{height}"] = image
+    finally:
+        transformer.train(was_training)
+        parts.vae.to(vae_device)
+    log.info("validation at step %d: %d images in %s", step, len(images), out_dir)
+    return images
+
+
+def encode_validation_prompts(prompts: dict[str, str], text_cache) -> list[PromptEmbeds]:
+    result = []
+    for nickname, prompt in prompts.items():
+        embeds, mask = text_cache.load(text_cache.key(prompt))
+        result.append(PromptEmbeds(nickname, prompt, embeds, mask))
+    return result
+
+
+def latest_images(out_dir: Path) -> list[Path]:
+    files = sorted(out_dir.glob("step*.png"))
+    if not files:
+        return []
+    last_step = files[-1].name.split("_")[0]
+    return [f for f in files if f.name.startswith(last_step + "_")]
+
+
+__all__ = ["load_prompts", "run_validation", "encode_validation_prompts", "image_name", "latest_images"]
