@@ -2,7 +2,7 @@
 
 Trackers share one tiny interface, so the training loop never branches on them.
 Only rank 0 creates real trackers; other ranks get `NullTracker`. :data:`TRACKERS` is the one
-table of optional trackers: ``report_to``'s choices (``none``, each name, ``all``) and the
+table of optional trackers: ``report_to``'s choices (``none``, each name, ``all``: config.schema) and the
 config check of each come from it. Adding one is one entry (and its test).
 """
 
@@ -167,14 +167,13 @@ def _wandb_problem(credentials, hub) -> str | None:
 
 
 TRACKERS: dict[str, TrackerSpec] = {spec.name: spec for spec in (
-    TrackerSpec("tensorboard", "TensorBoard event files in output/tensorboard",
-                lambda c: TensorBoardTracker(c.output_dir / "tensorboard"), folder="tensorboard"),
-    TrackerSpec("wandb", "Weights & Biases (WANDB_API_KEY, WANDB_MODE)",
+    TrackerSpec("wandb", "Weights & Biases: WANDB_API_KEY, WANDB_MODE",
                 lambda c: WandbTracker(c.cfg.tracker_project_name, c.cfg.tracker_run_name, c.config_dict, c.run_id,
                                        c.output_dir, c.wandb_mode),
                 problem=_wandb_problem, folder="wandb"),
+    TrackerSpec("tensorboard", "TensorBoard event files in output/tensorboard",
+                lambda c: TensorBoardTracker(c.output_dir / "tensorboard"), folder="tensorboard"),
 )}
-REPORT_TO_CHOICES = ("none", *TRACKERS, "all")
 
 
 def selected(report_to: str) -> list[str]:

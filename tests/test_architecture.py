@@ -216,7 +216,6 @@ class ListTracker(tracking.NullTracker):
         self.lines.append([step, metrics])
 
 tracking.TRACKERS["list-test"] = tracking.TrackerSpec("list-test", "in memory (test entry)", lambda c: ListTracker())
-tracking.REPORT_TO_CHOICES = ("none", *tracking.TRACKERS, "all")  # derived at import, as the schema reads it
 from sana_appliance.config.resolve import resolve
 cfg = resolve({"WORKSPACE": sys.argv[1], "SANA_REPORT_TO": "list-test"}).config
 tracker = tracking.build(cfg, Path(sys.argv[1]) / "out", {}, 0, None, None, True)
@@ -258,3 +257,56 @@ def test_a_backend_type_and_an_upload_target_come_from_their_tables(tmp_path):
     assert "must be one of " + ", ".join(BACKEND_TYPES) in str(err.value)
     assert set(UPLOAD_TARGETS) == {"final"}
     assert any("model_index.json" in p for p in end_problems(tmp_path))  # nothing exported: final/ may not go up
+
+
+def test_readme_key_table_is_the_schema():
+    """The README's key table says what the schema says (whose choices come from the tables)."""
+    from sana_appliance.config.schema import field_map
+
+    readme = (ROOT / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([a-z_0-9]+)` \| [^|]+ \| [^|]+ \| (.*) \|$", readme, flags=re.M))
+    for name, f in field_map().items():
+        assert rows.get(name) == f.metadata["doc"], f"README's row for `{name}` differs from config/schema.py"
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_atomic_folder_replaces_in_one_rename_and_leaves_nothing_behind(tmp_path):
+    from sana_appliance.core.fsutil import atomic_folder
+
+    dest = tmp_path / "final"
+    with atomic_folder(dest) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("one")
+    assert _tree(dest) == {"sub/a.txt": b"one"} and oct(dest.stat().st_mode & 0o777) == "0o755"
+    (tmp_path / ".final.old-1.tmp").mkdir()  # a crash between the two renames of an earlier replace
+    with pytest.raises(RuntimeError), atomic_folder(dest) as tmp:
+        (tmp / "b.txt").write_text("half")
+        raise RuntimeError("killed mid-build")
+    assert _tree(dest) == {"sub/a.txt": b"one"}, "a failed build must leave the old folder as it was"
+    with atomic_folder(dest) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert _tree(dest) == {"b.txt": b"two"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"], "temp or aside folders left behind"
+
+
+def test_atomic_folder_keeps_a_complete_folder_and_replaces_an_incomplete_one(tmp_path):
+    from sana_appliance.core.fsutil import atomic_folder
+
+    def done(d):
+        return (d / "DONE").is_file()
+
+    dest = tmp_path / "data"
+    dest.mkdir()
+    (dest / "stray").write_text("incomplete")
+    with atomic_folder(dest, existing="keep", is_complete=done) as tmp:
+        (tmp / "DONE").write_text("ours")
+    assert _tree(dest) == {"DONE": b"ours"}
+    with atomic_folder(dest, existing="keep", is_complete=done) as tmp:  # another process finished first
+        (tmp / "DONE").write_text("second")
+    assert _tree(dest) == {"DONE": b"ours"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    with pytest.raises(ValueError), atomic_folder(dest, existing="keep"):
+        pass

@@ -200,6 +200,21 @@ def test_string_booleans_disabled_and_relative_paths(tmp_path):
     assert text.cache_dir == w.root / "cache/te"
 
 
+def test_boolean_words_are_the_main_configs(tmp_path):
+    """multidatabackend.json reads yes/no, on/off, 1/0 like config.json and SANA_<KEY> do (core.parsing)."""
+    from sana_appliance.config.resolve import convert
+
+    w = ws(tmp_path)
+    for word, value in (("on", True), ("yes", True), ("1", True), ("y", True), ("off", False), ("no", False),
+                        ("0", False), ("n", False)):
+        cfg = write_config(tmp_path / "mdb.json", [
+            {"id": "a", "instance_data_dir": "datasets/a", "crop": word},
+            {"id": "te", "dataset_type": "text_embeds", "default": True, "cache_dir": "cache/te"},
+        ])
+        [a], _ = load_data_config(str(cfg), w)
+        assert a.crop is value == convert("gradient_checkpointing", word), word
+
+
 def test_bad_values_are_collected(tmp_path):
     w = ws(tmp_path)
     cfg = write_config(

@@ -4,12 +4,12 @@
     python -m sana_appliance.benchmarks.data --quick           # tiny sizes (smoke test)
 
 On a generated folder of photo-like images (smooth colour fields plus grain, JPEG q90,
-captions in .txt files), scanned by the real ``dataplan.build_plan``:
+captions in .txt files), scanned by the real ``data.plan.build_plan``:
 
 1. cache building, images/s: ``images.load_pixels`` alone (decode + resize + crop), then
    load_pixels + the tiny VAE's encode (x scaling factor) + ``LatentCache.write`` (atomic),
-   in ``vae_batch_size`` chunks per bucket, the way ``Run._fill_latents`` does it;
-2. cached-batch loading, batches/s: ``train.CachedDataset`` + ``sampler.BucketBatchSampler``
+   in ``vae_batch_size`` chunks per bucket, the way ``data.precompute`` fills the latent cache;
+2. cached-batch loading, batches/s: ``data.precompute.CachedDataset`` + ``data.sampler.BucketBatchSampler``
    + ``DataLoader`` with 0 and 2 workers, text embeddings at Sana's real size (300 x 2304
    bf16, the big cache) written beforehand with random values;
 3. the naive baseline on the same files and batch order: PIL open + resize + to-tensor per
@@ -87,7 +87,7 @@ def time_decode(samples) -> float:
 
 
 def time_cache_build(samples, keys, cache, vae, batch_size: int) -> dict[str, float]:
-    """load_pixels + encode + atomic write of every sample, vae batches per bucket (Run._fill_latents).
+    """load_pixels + encode + atomic write of every sample, vae batches per bucket (as data.precompute does).
 
     Returns seconds per phase (decode, encode, write) and in all."""
     from ..data.images import load_pixels

@@ -6,16 +6,16 @@
 
 For each preset (24g, lowest-vram, multi-gpu per GPU) the preset's config is resolved as a
 run would resolve it, then: a randomly initialised SanaTransformer2DModel with the 1.6B
-config (1,604,462,752 parameters) in the preset's weight dtype (optimizers.weight_dtype),
-block checkpointing at the preset's interval (models.enable_block_checkpointing), the
-preset's optimizer (optimizers.build_optimizer, the bf16-faithful wrappers included), the
+config (1,604,462,752 parameters) in the preset's weight dtype (model.optimizers.weight_dtype),
+block checkpointing at the preset's interval (model.parts.enable_block_checkpointing), the
+preset's optimizer (model.optimizers.build_optimizer, the bf16-faithful wrappers included), the
 EMA when the preset uses one, and random inputs at 1024px: latents 32x32x32 and 300 x 2304
 text embeddings, at the preset's batch size and gradient accumulation. One optimizer step
 is what the engine does per step: micro-batches of forward + fp32 MSE + backward, gradient
 clipping, optimizer step, EMA update, zero_grad.
 
 Printed and written to --out (JSON) per preset: step time, samples/s, peak memory, MFU, and
-the fixed bytes the memory model predicts (``optimizers.fixed_bytes_per_param``) to compare.
+the fixed bytes the memory model predicts (``model.optimizers.fixed_bytes_per_param``) to compare.
 
 Memory: ``max_memory_allocated`` (PyTorch's allocator) misses what bitsandbytes' paged
 optimizer keeps in CUDA managed memory and the CUDA context, so the device-wide use

@@ -7,11 +7,11 @@ This number decides the stop grace (``docker run --stop-timeout``): on SIGTERM t
 finishes its step and saves, and whatever is not written when the grace ends is lost.
 
 Per preset, the state a real checkpoint holds is built from random bytes with the real
-sizes: the transformer weights in the preset's weight dtype (optimizers.weight_dtype), one
+sizes: the transformer weights in the preset's weight dtype (model.optimizers.weight_dtype), one
 tensor per parameter of the 1.6B model with its real name and shape; the optimizer state
-(optimizers.optimizer_state_bytes_per_param bytes per parameter, one uint8 tensor per
+(model.optimizers.optimizer_state_bytes_per_param bytes per parameter, one uint8 tensor per
 parameter, pickled with torch.save as the optimizer's state dict is); and the fp32 EMA
-when the preset uses it. ``checkpoints.save`` writes it (safetensors + torch.save, fsync
+when the preset uses it. ``run.checkpoints.save`` writes it (safetensors + torch.save, fsync
 of every file, marker, rename), so the time includes getting the bytes onto the disk.
 
 Memory: the whole state is in RAM during a save (as in training). A preset whose bytes

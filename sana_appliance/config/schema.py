@@ -205,7 +205,7 @@ class TrainConfig:
     report_to: str = _opt(
         "none", "Trackers besides metrics.jsonl: none, "
         + ", ".join(f"{spec.name} ({spec.doc})" for spec in tracking.TRACKERS.values()) + ", or all.",
-        choices=tracking.REPORT_TO_CHOICES,
+        choices=("none", *tracking.TRACKERS, "all"),
     )
     tracker_project_name: str = _opt("sana-appliance", "wandb project name.")
     tracker_run_name: str | None = _opt(None, "Tracker run name (default: derived).")

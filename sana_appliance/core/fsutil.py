@@ -27,10 +27,11 @@ def fsync_path(path: Path) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """fsync every file under `path`, then `path` itself."""
-    for f in sorted(path.rglob("*")):
-        if f.is_file():
-            fsync_path(f)
+    """fsync every file and folder under `path` (deepest first), then `path` itself."""
+    entries = sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for entry in entries:
+        if entry.is_file() or entry.is_dir():
+            fsync_path(entry)
     fsync_path(path)
 
 
@@ -58,62 +59,57 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
-class FolderDone:
-    """What :func:`atomic_folder` yields: the temp folder to fill, and whether it was put in place."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.placed = False  # False when a complete folder from another process was kept instead
-
-
 @contextmanager
 def atomic_folder(dest: Path, *, existing: str = "replace",
-                  is_complete: Callable[[Path], bool] | None = None) -> Iterator[FolderDone]:
-    """Build the folder `dest` in a temp sibling, then put it in place as one rename.
+                  is_complete: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Build the folder `dest` in a temp sibling (yielded), then put it in place with a rename.
 
-    The body fills ``done.path``. On success every file and the folder are made readable
-    (0644/0755) and fsynced, the folder is renamed onto `dest` and the parent fsynced. On any
-    failure (or a stop) the temp folder is removed and `dest` is as it was.
+    The body fills the yielded folder. On success every file and folder in it is made readable
+    (0644/0755) and fsynced, it is renamed onto `dest` and the parent is fsynced. On any failure
+    (or a stop) the temp folder is removed and `dest` is as it was.
 
     ``existing``: what happens to a `dest` already there:
-    - ``"replace"``: it is moved aside in one rename and deleted after the new one is in place
-      (a reader never sees neither);
-    - ``"keep"``: a complete one (``is_complete(dest)``) is kept and ours discarded (another
-      process built the same thing first); an incomplete one (an older crash) is removed.
+    - ``"replace"``: it is moved aside with one rename, the new folder renamed in, then the old
+      one deleted (only between the two renames is there no `dest`; an aside folder a crash left
+      there is deleted by the next replace);
+    - ``"keep"``: a complete one (``is_complete(dest)``, required) is kept and ours discarded:
+      another process built the same thing first. An incomplete one, left by a tool or a person
+      (ours only ever appear complete, by rename), is removed and replaced.
     """
     if existing not in ("replace", "keep"):
         raise ValueError(f"existing must be 'replace' or 'keep', got {existing!r}")
+    if existing == "keep" and is_complete is None:
+        raise ValueError("existing='keep' needs is_complete")
     parent = dest.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
-    done = FolderDone(tmp)
     try:
-        yield done
+        yield tmp
         make_readable(tmp)
         fsync_tree(tmp)
         if existing == "keep":
-            if dest.exists() and is_complete is not None and is_complete(dest):
-                return
-            if dest.exists():
+            if dest.exists():  # checked once: a folder of ours appears complete, in one rename
+                if is_complete(dest):
+                    return
                 shutil.rmtree(dest)
             try:
                 os.replace(tmp, dest)
             except OSError:
-                if not (is_complete is not None and is_complete(dest)):  # not another process's complete copy
+                if not is_complete(dest):  # not another process's complete copy, renamed in meanwhile
                     raise
                 return
         else:
+            for leftover in parent.glob(f".{dest.name}.old-*.tmp"):  # from a crash between two renames
+                shutil.rmtree(leftover, ignore_errors=True)
             aside = None
             if dest.exists():
                 aside = parent / f".{dest.name}.old-{os.getpid()}.tmp"
-                shutil.rmtree(aside, ignore_errors=True)
                 os.replace(dest, aside)
             os.replace(tmp, dest)
             if aside is not None:
                 fsync_path(parent)
                 shutil.rmtree(aside, ignore_errors=True)
         fsync_path(parent)
-        done.placed = True
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

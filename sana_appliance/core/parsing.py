@@ -54,15 +54,15 @@ def to_number(value: Any) -> float:
 
 
 def to_int(value: Any) -> int:
-    """A whole number (``10``, ``"10"``, ``1e3`` and ``"10.0"`` are fine; ``2.5`` is not)."""
+    """A whole number (``10``, ``"10"``, ``1e3`` and ``"10.0"`` are fine; ``2.5`` and ``inf`` are not)."""
     if isinstance(value, bool):
         raise ParseError("must be an integer, e.g. 10")
     if isinstance(value, int):
         return value
     try:
-        number = to_number(value)
-    except ParseError:
+        number = float(value.strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
         raise ParseError("must be an integer, e.g. 10") from None
-    if not number.is_integer():
+    if not number.is_integer():  # also inf and nan
         raise ParseError("must be a whole number, e.g. 10")
     return int(number)

@@ -25,7 +25,6 @@ from ..config.schema import BUILTIN_DATASET, defaults
 from ..core.errors import AssetError, ConfigError
 from ..core.parsing import ParseError, is_none_word, to_bool, to_int, to_number
 from ..core.workspace import Workspace
-from . import demo
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,6 @@ class BackendType:
     """One dataset backend type (an entry's `type`): the entry of :data:`BACKEND_TYPES`."""
 
     name: str
-    doc: str
     # (entry, where, workspace, problems) -> (instance_data_dir, hub dataset name or None), or None when unusable
     locate: Callable[[dict, str, Workspace, list[str]], tuple[Path, str | None] | None]
     # bring the files into instance_data_dir before the scan; returns the commit it fetched, if any
@@ -126,10 +124,11 @@ def _fetch_hub_dataset(backend: Backend, hub: Any, credentials: Any) -> str | No
 
 
 BACKEND_TYPES: dict[str, BackendType] = {spec.name: spec for spec in (
-    BackendType("local", "a folder of images (and captions) under the workspace or any mounted path", _local_folder),
-    BackendType("huggingface", "a Hugging Face Hub dataset repo (dataset_name, revision), downloaded into "
-                "instance_data_dir (default datasets/<owner>--<name>)", _hub_folder, fetch=_fetch_hub_dataset,
-                folder_exists_before_run=False),
+    # a folder of images (and captions) under the workspace or any mounted path
+    BackendType("local", _local_folder),
+    # a Hugging Face Hub dataset repo (dataset_name, revision), downloaded into instance_data_dir
+    # (default datasets/<owner>--<name>)
+    BackendType("huggingface", _hub_folder, fetch=_fetch_hub_dataset, folder_exists_before_run=False),
 )}
 
 
@@ -439,6 +438,8 @@ def _choose_text_backend(
 def load_data_config(spec: str, workspace: Workspace) -> tuple[list[Backend], TextEmbedsBackend]:
     """Read the dataloader config: a file path, or ``builtin:demo-shapes`` (generated on first use)."""
     if spec == BUILTIN_DATASET:
+        from . import demo  # generated on first use (imports PIL; the config verb does not need it)
+
         demo.ensure_demo_dataset(workspace)
         return parse_data_config(demo.demo_config_entries(workspace), BUILTIN_DATASET, workspace)
     if spec.startswith("builtin:"):

@@ -93,8 +93,7 @@ def ensure_demo_dataset(workspace: Workspace) -> Path:
         return root
     # Another process (rank) may finish first: its folder is as good as ours. An incomplete
     # folder (an older crash) is replaced.
-    with atomic_folder(root, existing="keep", is_complete=lambda d: (d / "DONE").is_file()) as done:
-        tmp = done.path
+    with atomic_folder(root, existing="keep", is_complete=lambda d: (d / "DONE").is_file()) as tmp:
         rng = random.Random(_GENERATOR_SEED)
         combos = _combos()
         order = combos[:]

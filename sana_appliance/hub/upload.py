@@ -2,8 +2,9 @@
 
 What goes up is the table :data:`UPLOAD_TARGETS` (today one entry: the exported model folder,
 which holds no secrets: the model card and run metadata are built from the redacted config).
-Each target names its local folder, where it lands in the repo, when it goes up and the check
-that it is complete; adding one is one entry (and its test). Failures follow the retry rule shared with
+Each target names its local folder, where it lands in the repo and the check that it is
+complete; every target goes up at the end of the run, after export. Adding one is one entry
+(and its test); the completion marker records the last commit. Failures follow the retry rule shared with
 downloads (hub/retry.py). The completion marker records each upload (repo, commit), so an
 upload that failed, was interrupted, or was switched on after the run finished is done by the
 next start from the exported final/, without retraining; huggingface_hub then sends only the
@@ -91,22 +92,20 @@ class UploadTarget:
     """One thing the run uploads: the entry of :data:`UPLOAD_TARGETS`."""
 
     name: str
-    doc: str
     local: str  # the folder under output_dir
     path_in_repo: str  # where it lands in the repo ("" = the repo root)
-    when: str  # "end": after export, once the run is complete
     check: Callable[[Path], list[str]]  # what is missing or broken in the folder (empty: it may go up)
 
 
 UPLOAD_TARGETS: dict[str, UploadTarget] = {spec.name: spec for spec in (
-    UploadTarget("final", "the exported diffusers pipeline with its model card and sample images", "final", "",
-                 "end", check_final),
+    # the exported diffusers pipeline with its model card and sample images, at the repo root
+    UploadTarget("final", "final", "", check_final),
 )}
 
 
 def end_problems(output_dir: Path) -> list[str]:
     """What keeps the end-of-run targets from going up (empty: every one is complete)."""
-    return [p for t in UPLOAD_TARGETS.values() if t.when == "end" for p in t.check(output_dir / t.local)]
+    return [p for t in UPLOAD_TARGETS.values() for p in t.check(output_dir / t.local)]
 
 
 # ---------------------------------------------------------------- pushing
@@ -165,7 +164,7 @@ def push_folder(folder: Path, repo_id: str, resolved, path_in_repo: str = "") ->
 def publish(resolved, output_dir: Path) -> dict:
     """Push the end-of-run targets (output/final) to hub_model_id; returns the record for the completion marker."""
     cfg = resolved.config
-    targets = [t for t in UPLOAD_TARGETS.values() if t.when == "end"]
+    targets = list(UPLOAD_TARGETS.values())
     if resolved.hub.offline:
         folders = ", ".join(str(output_dir / t.local) for t in targets)
         raise AssetError(f"push_to_hub is on but HF_HUB_OFFLINE is set, so {folders} was not pushed to {cfg.hub_model_id}. "

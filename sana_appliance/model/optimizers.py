@@ -148,7 +148,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {spec.name: spec for spec in (
                   2.0 + 2 * _SCALE_8BIT, 3.0 + 2 * _SCALE_8BIT, residual_bits=8, aliases=("bnb-adamw8bit",)),
     OptimizerSpec("bnb-lion8bit", "bitsandbytes 8-bit Lion", _bnb_lion8bit, EXTENDED,
                   1.0 + _SCALE_8BIT, 1.5 + _SCALE_8BIT, residual_bits=4),
-    OptimizerSpec("bnb-lion8bit-paged", "bitsandbytes 8-bit Lion, state paged to RAM under pressure (CUDA)",
+    OptimizerSpec("bnb-lion8bit-paged", "bitsandbytes 8-bit Lion, state paged to RAM under pressure on CUDA",
                   _bnb_lion8bit_paged, EXTENDED, 1.0 + _SCALE_8BIT, 1.5 + _SCALE_8BIT, residual_bits=4,
                   aliases=("bnb-lion8bit_paged",)),
     OptimizerSpec("lion", "torch-optimi Lion with Kahan summation", _optimi_lion, KAHAN, 4.0, 4.0,

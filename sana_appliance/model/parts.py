@@ -125,9 +125,9 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
     )
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
     # Another machine sharing the cache may have won the rename: its folder is as good as ours.
-    with atomic_folder(dest, existing="keep", is_complete=lambda d: (d / "model_index.json").is_file()) as done:
-        pipe.save_pretrained(done.path, safe_serialization=True)
-        (done.path / "BUILT_BY_SANA_APPLIANCE.json").write_text(
+    with atomic_folder(dest, existing="keep", is_complete=lambda d: (d / "model_index.json").is_file()) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
             json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
 
 

@@ -239,8 +239,7 @@ def save(
     final = root / f"checkpoint-{step}"
     try:
         # A folder of the same step already there is moved aside in one rename, never deleted in place.
-        with atomic_folder(final, existing="replace") as done:
-            tmp = done.path
+        with atomic_folder(final, existing="replace") as tmp:
             for name, tensor_dict in tensors.items():
                 save_file({k: v.detach().contiguous().cpu() for k, v in tensor_dict.items()}, tmp / f"{name}.safetensors")
             for name, obj in objects.items():

@@ -51,8 +51,7 @@ def export_final(
         return shutil.copy2(source, dest)
 
     try:
-        with atomic_folder(final, existing="replace") as done:  # an earlier final/ is replaced as one rename
-            tmp = done.path
+        with atomic_folder(final, existing="replace") as tmp:  # an earlier final/ is replaced with a rename
             # The frozen parts are copied byte for byte from the base model folder: exact, and
             # no need to bring the text encoder back into memory.
             for name in COPIED_PARTS:
@@ -68,7 +67,7 @@ def export_final(
             for image in sample_images:
                 copy_file(image, samples / image.name)
             (tmp / "README.md").write_text(card, encoding="utf-8")
-            check()  # the last point to abandon: from here final/ is put in place
+            check()  # the last point to abandon: from here final/ is fsynced and put in place
     finally:
         if backup is not None:
             transformer.load_state_dict(backup)

@@ -2,8 +2,9 @@
 
 The stateful objects of training (weights, EMA, optimizer, schedule, loss scaler, the loop's
 random generator, the sampler) and the counters of progress. ``Run`` builds one in setup;
-:func:`sana_appliance.run.step.train_step` advances it; ``checkpoint_parts`` and the ``load_*``
-methods are the only translation to and from a checkpoint folder (run.checkpoints writes and
+:func:`sana_appliance.run.step.train_step` advances it; ``tensors``, ``objects``,
+``random_streams`` and ``progress`` (to a checkpoint) and the ``load_*`` methods (from one) are
+the only translation to and from a checkpoint folder (run.checkpoints writes and
 verifies the files).
 """
 

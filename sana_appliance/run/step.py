@@ -28,7 +28,7 @@ class StepSetup:
 
     cfg: Any
     model: torch.nn.Module  # runs the forward pass (the data-parallel wrapper when world > 1)
-    parts: Any  # model.parts.Parts: the VAE for uncached pixels, the VAE scale factor
+    parts: Any  # model.parts.SanaParts: the VAE for uncached pixels, the VAE scale factor
     schedule: FlowSchedule
     device: torch.device
     compute_dtype: torch.dtype  # autocast dtype (fp32: no autocast)

@@ -18,6 +18,7 @@ import torch
 
 from ..config.prompts import load_prompt_set
 from ..config.rules import parse_resolutions
+from ..core.fsutil import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ def run_validation(
                     )
                     image = result.images[0]
                     name = image_name(step, item.nickname, width, height)
-                    tmp = out_dir / f".{name}.tmp"
-                    image.save(tmp, format="PNG")
-                    tmp.replace(out_dir / name)
+                    with atomic_path(out_dir / name) as tmp:
+                        image.save(tmp, format="PNG")
                     images[f"{item.nickname}_{width}x{height}"] = image
     finally:
         transformer.train(was_training)
