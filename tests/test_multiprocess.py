@@ -146,10 +146,30 @@ def test_workers_keep_the_output_lock_when_the_launcher_is_killed(shared_workspa
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    deadline = time.monotonic() + 30
-    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # Every process of the job is gone once nothing holds the lock file open (a killed process
+    # closes its files as it exits; on a loaded machine that can take a while).
+    lock_file, deadline = out / runlock.LOCK_NAME, time.monotonic() + 60
+    while (any(_alive(pid) for pid in workers) or _holders(lock_file)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not (holders := _holders(lock_file)), f"the lock file is still open 60 s after the workers were killed: {holders}"
     runlock.acquire(out).release()  # the kernel dropped the lock with its last holder
+
+
+def _holders(path: Path) -> list[str]:
+    """Processes with `path` open: pid, state, command line."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+            if any(os.readlink(f"/proc/{entry}/fd/{fd}") == str(path) for fd in fds):
+                state = Path(f"/proc/{entry}/stat").read_text().split()[2]
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                found.append(f"{entry} [{state}] {cmd}")
+        except OSError:
+            continue
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -105,7 +105,7 @@ def cached_batches(run, count: int) -> list[dict]:
     from ..data.precompute import CachedDataset
     from ..data.sampler import BucketBatchSampler
 
-    dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
+    dataset = CachedDataset(run.plan.samples, run.caches.latent_keys, run.caches.latent_caches, run.caches.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
     batches, it = [], iter(sampler)
     for _ in range(count):
@@ -118,7 +118,7 @@ def batch_stream(run, workers: int):
     from ..data.precompute import CachedDataset
     from ..data.sampler import BucketBatchSampler
 
-    dataset = CachedDataset(run.plan.samples, run.latent_keys, run.latent_caches, run.text_cache, False)
+    dataset = CachedDataset(run.plan.samples, run.caches.latent_keys, run.caches.latent_caches, run.caches.text_cache, False)
     sampler = BucketBatchSampler(run.plan, run.cfg.train_batch_size, run.cfg.seed)
     yield from torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers)
 

@@ -201,10 +201,9 @@ class Run:
         except Abandoned:
             raise self.stop.error("while filling the caches: nothing to save (cache entries already written are "
                                   "complete and are reused by the next start)") from None
-        self.text_cache, self.latent_caches, self.prompts = prepared.text_cache, prepared.latent_caches, prepared.prompts
-        self.latent_keys, self.eval_keys, self.cache_stats = prepared.latent_keys, prepared.eval_keys, prepared.stats
+        self.caches = prepared  # the text and latent caches, every sample's cache key, the validation prompts
         if self.is_main:
-            stats = self.cache_stats
+            stats = prepared.stats
             hits, misses = stats["latent_hits"], stats["latent_encoded"]
             log.info("caches: text embeddings %d hit / %d encoded; latents %d hit / %d encoded (hit rate %.0f%%)",
                      stats["text_hits"], stats["text_encoded"], hits, misses, 100.0 * hits / max(1, hits + misses))
@@ -319,9 +318,13 @@ class Run:
 
     # ------------------------------------------------------------ loop
 
+    def _cached_dataset(self, samples: list, keys: list[str]) -> CachedDataset:
+        caches = self.caches
+        return CachedDataset(samples, keys, caches.latent_caches, caches.text_cache, self.cfg.vae_cache_disable)
+
     def _batches(self) -> Iterator[dict]:
         """Batches in sampler order; after a resume the sampler continues at the saved position."""
-        dataset = CachedDataset(self.plan.samples, self.latent_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+        dataset = self._cached_dataset(self.plan.samples, self.caches.latent_keys)
 
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=self.state.sampler, num_workers=self.cfg.dataloader_num_workers,
                                              worker_init_fn=_ignore_stop_signals, pin_memory=self.device.type == "cuda")
@@ -338,7 +341,7 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Loss on fixed samples with fixed sigmas and noise: comparable across steps and runs."""
-        dataset = CachedDataset(self.eval_samples, self.eval_keys, self.latent_caches, self.text_cache, self.cfg.vae_cache_disable)
+        dataset = self._cached_dataset(self.eval_samples, self.caches.eval_keys)
         count = min(EVAL_SAMPLES, len(dataset))
         generator = torch.Generator("cpu").manual_seed(1234)
         sigmas = torch.linspace(0.1, 0.9, count)
@@ -354,9 +357,9 @@ class Run:
         return total / max(1, count)
 
     def _validate(self) -> dict:
-        if not self.prompts:
+        if not self.caches.prompts:
             return {}
-        embeds = validation.encode_validation_prompts(self.prompts, self.text_cache)
+        embeds = validation.encode_validation_prompts(self.caches.prompts, self.caches.text_cache)
         transformer, ema = self.state.transformer, self.state.ema
         context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
         with context:  # restores the training weights also when a stop abandons the round
@@ -380,9 +383,10 @@ class Run:
         from tqdm.auto import tqdm
 
         cfg, state = self.cfg, self.state
-        self.empty = self.text_cache.load(self.text_cache.empty_key())
+        text = self.caches.text_cache
+        self.empty = text.load(text.empty_key())
         negative = cfg.validation_negative_prompt
-        self.negative = self.text_cache.load(self.text_cache.negative_key(negative)) if negative and self.prompts else self.empty
+        self.negative = text.load(text.negative_key(negative)) if negative and self.caches.prompts else self.empty
         self._start_eval()
         setup, batches, consecutive_bad = self._step_setup(), self._batches(), 0
         samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
@@ -442,7 +446,7 @@ class Run:
         the round at the next sampler step (no images of it are logged). All ranks return the
         same answer: True when a stop was requested."""
         if self.is_main:
-            log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.prompts))
+            log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.caches.prompts))
             try:
                 images = self._validate()
                 self.vote.check()
@@ -498,7 +502,7 @@ class Run:
             raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
         runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
                       timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
-                                                   "resume_history": self.state.resume_history, "caches": self.cache_stats,
+                                                   "resume_history": self.state.resume_history, "caches": self.caches.stats,
                                                    "skipped_steps": self.state.nonfinite_total})
 
     def _eval_summary(self) -> dict:
