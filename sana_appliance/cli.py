@@ -20,6 +20,7 @@ from .run import preflight
 log = logging.getLogger("sana_appliance")
 
 VERBS = ("train", "config", "presets")
+COMPLETE_MARKER = "TRAINING_COMPLETE.json"  # run/runinfo.py's, read here without importing torch (tested equal)
 
 DEMO_BANNER = """\
 ============================================================================
@@ -140,6 +141,23 @@ def _print_presets() -> None:
         print(f"{'':<{width}}  hardware: {p.hardware}; memory: {p.memory}")
 
 
+def _check_hub_access(resolved: Resolved) -> None:
+    """With push_to_hub on, that the token is valid and may write hub_model_id (exit 3 otherwise). Skipped when
+    this output's completion marker says the job is finished and already uploaded there: nothing will be pushed."""
+    from .hub import access, upload
+
+    if not access.needed(resolved):
+        return
+    output_dir = Path(resolved.config.output_dir)
+    if (output_dir / COMPLETE_MARKER).is_file():  # run/runinfo.py imports torch: only when there is a marker
+        from .run import runinfo
+
+        record = runinfo.completion_record(output_dir, resolved.config)
+        if record is not None and upload.is_done(resolved, record.get("upload")):
+            return
+    log.info(access.check_push_access(resolved).line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -168,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock = None
         if resolved.worker_rank is None or (resolved.worker_rank == 0 and not resolved.under_appliance_launcher):
             lock = runlock.acquire(Path(resolved.config.output_dir))
+            # Once per job, before any download or training: may the token push to hub_model_id?
+            _check_hub_access(resolved)
         try:
             if resolved.worker_rank is None:
                 from .distributed.launch import launch, process_count

@@ -5,7 +5,8 @@ Used by tests instead of mocking huggingface_hub: the library runs unchanged aga
 (set HF_ENDPOINT / HubSettings.endpoint to `FakeHub.url`). Endpoints, as called by
 huggingface_hub 2.4:
 
-    GET  /api/{models|datasets}/{owner}/{name}/revision/{rev}       repo info -> {"id", "sha"}
+    GET  /api/whoami-v2                                             the token's account, orgs and permissions
+    GET  /api/{models|datasets}/{owner}/{name}[/revision/{rev}]     repo info -> {"id", "sha"} (repo_exists: no rev)
     GET  /api/{models|datasets}/{owner}/{name}/tree/{rev}?recursive  file listing
     HEAD /[datasets/]{owner}/{name}/resolve/{rev}/{path}             X-Repo-Commit, ETag, Content-Length
     GET  /[datasets/]{owner}/{name}/resolve/{rev}/{path}             the bytes
@@ -16,7 +17,9 @@ huggingface_hub 2.4:
     PUT  /lfs-objects/{sha256}                                      LFS: the bytes of one object
     POST /api/{models|datasets}/{owner}/{name}/commit/{rev}         NDJSON commit -> {"commitOid"}
 
-Uploads need a token from `write_tokens` (401 without a token, 403 with another one); the LFS
+Uploads need a token from `write_tokens` (401 without a token, 403 with another one); whoami answers
+for the tokens in `tokens` (token -> whoami payload, see `whoami_payload`) and for every write token
+(as a write token of "alice", member of the org "acme" with the write role), 401 for others. The LFS
 protocol is used, not Xet (run the client with HF_HUB_DISABLE_XET=1, since hf_xet is installed).
 Errors follow the Hub: `X-Error-Code: RepoNotFound | RevisionNotFound | GatedRepo | EntryNotFound`.
 Faults (an HTTP status, a dropped connection, a delay) can be queued per method and path, and
@@ -38,6 +41,39 @@ from urllib.parse import unquote, urlsplit
 def git_blob_oid(data: bytes) -> str:
     """The git object id of a file's content: what the Hub reports as a regular file's oid/ETag."""
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+DEFAULT_USER = "alice"
+DEFAULT_ORGS = {"acme": "write"}
+
+
+def whoami_payload(
+    name: str = DEFAULT_USER,
+    *,
+    role: str = "write",
+    orgs: dict[str, str] | None = None,
+    scoped: tuple[tuple[str, str, tuple[str, ...]], ...] = (),
+    global_permissions: tuple[str, ...] = (),
+) -> dict:
+    """What the Hub's GET /api/whoami-v2 answers for a user access token (the shape huggingface_hub reads):
+    `orgs` maps org name -> roleInOrg; for role "fineGrained", `scoped` lists (entity type, entity name,
+    permissions), e.g. ("model", "alice/other", ("repo.write",)) or ("org", "acme", ("repo.content.read",))."""
+    orgs = DEFAULT_ORGS if orgs is None else orgs
+    token: dict = {"displayName": f"{role}-token", "role": role, "createdAt": "2025-01-01T00:00:00.000Z"}
+    if role == "fineGrained":
+        token["fineGrained"] = {
+            "canReadGatedRepos": True,
+            "global": list(global_permissions),
+            "scoped": [{"entity": {"_id": f"id-{entity}", "type": kind, "name": entity}, "permissions": list(perms)}
+                       for kind, entity, perms in scoped],
+        }
+    return {
+        "type": "user", "id": f"id-{name}", "name": name, "fullname": name.title(), "email": f"{name}@example.com",
+        "emailVerified": True, "isPro": False, "canPay": False, "periodEnd": None,
+        "orgs": [{"type": "org", "id": f"id-{org}", "name": org, "fullname": org.title(), "roleInOrg": org_role}
+                 for org, org_role in orgs.items()],
+        "auth": {"type": "access_token", "accessToken": token},
+    }
 
 
 @dataclass
@@ -100,6 +136,7 @@ class FakeHub:
     def __init__(self) -> None:
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.write_tokens: set[str] = set()  # tokens that may create repos and push
+        self.tokens: dict[str, dict] = {}  # token -> what whoami answers (write tokens answer as whoami_payload())
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, as the Hub's LFS storage
         self.requests: list[Request] = []
         self._faults: list[Fault] = []
@@ -130,6 +167,11 @@ class FakeHub:
         )
         self.repos[(repo_type, repo_id)] = repo
         return repo
+
+    def add_token(self, token: str, **whoami: object) -> dict:
+        """A token whoami knows (arguments of `whoami_payload`); it may push only if also in write_tokens."""
+        self.tokens[token] = whoami_payload(**whoami)  # type: ignore[arg-type]
+        return self.tokens[token]
 
     def fail(self, method: str, path_contains: str, action: int | str, times: int = 1) -> None:
         """The next `times` requests whose path contains `path_contains` get `action` instead."""
@@ -243,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._write(method, raw_path, body)
 
         parts = raw_path.strip("/").split("/")
+        if parts == ["api", "whoami-v2"]:
+            return self._whoami()
         if parts[:1] == ["api"] and len(parts) == 4 and parts[1] in ("models", "datasets"):
             return self._repo_info(parts[1][:-1], f"{unquote(parts[2])}/{unquote(parts[3])}", "main")
         if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
@@ -276,6 +320,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(404, {"error": f"Invalid rev id: {revision}"}, error_code="RevisionNotFound")
             return None
         return repo, sha
+
+    def _whoami(self) -> None:
+        auth = self.headers.get("Authorization")
+        token = auth.removeprefix("Bearer ") if auth else None
+        payload = self.hub.tokens.get(token) if token else None
+        if payload is None and token in self.hub.write_tokens:
+            payload = whoami_payload()
+        if payload is None:
+            return self._send_json(401, {"error": "Invalid credentials in Authorization header"})
+        self._send_json(200, payload)
 
     def _repo_info(self, repo_type: str, repo_id: str, revision: str) -> None:
         found = self._find(repo_type, repo_id, revision)

@@ -294,6 +294,7 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
     result = run_cli(hub_env(shared_workspace, output, hub.url))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "without retraining or re-exporting" in result.stderr
+    assert f"Hub: token of alice can write {REPO_ID} (will be created)" in result.stderr  # the push preflight
     repo = hub.repos[("model", REPO_ID)]
     assert repo.files == files_of(output / "final")  # every exported file landed, byte for byte
     assert untouched(output) == before  # nothing retrained, re-exported or re-recorded
@@ -303,7 +304,8 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
     assert f"pushed the final model to {REPO_ID} (commit {repo.sha})" in result.stderr
     assert PLANTED_TOKEN not in result.stderr + result.stdout + json.dumps(record)
 
-    # Started again: already uploaded there, so nothing to do and the Hub is not asked anything.
+    # Started again: already uploaded there, so nothing to do and the Hub is not asked anything (not even
+    # the push preflight's whoami).
     requests = len(hub.requests)
     again = run_cli(hub_env(shared_workspace, output, hub.url))
     assert again.returncode == 0 and "already finished at step 16" in again.stderr
@@ -311,13 +313,16 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
     assert len(hub.requests) == requests
 
 
-@pytest.mark.parametrize("fault", ["403", "refused", "offline"])
+@pytest.mark.parametrize("fault", ["403", "dropped", "refused", "offline"])
 def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_copy, shared_workspace, hub, fault):
     output = finished_copy
     endpoint = f"http://127.0.0.1:{closed_port()}" if fault == "refused" else hub.url
     extra = {"HF_HUB_OFFLINE": "1"} if fault == "offline" else {}
-    if fault == "403":
+    if fault == "403":  # the push preflight (whoami) accepts the token as a write token; the upload is refused
         hub.write_tokens.clear()
+        hub.add_token(PLANTED_TOKEN)
+    if fault == "dropped":  # the Hub answers the preflight, then cuts every upload's connection
+        hub.fail("POST", "/api/repos/create", "drop", times=1000)
     before = marker(output)
     result = run_cli(hub_env(shared_workspace, output, endpoint, **extra))
     assert "Traceback" not in result.stderr + result.stdout
@@ -328,8 +333,15 @@ def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_
         return
     assert result.returncode == 3, result.stderr[-3000:]
     error = result.stderr.split("sana-appliance: error:")[-1]
+    if fault == "refused":  # the Hub is unreachable from the start: the push preflight says so, the marker stays
+        assert f"nothing accepts connections at {endpoint} (connection refused): check HF_ENDPOINT" in error
+        assert f"can push to the Hub repo {REPO_ID}" in error and "Nothing was downloaded or trained" in error
+        assert "retrying in" in result.stderr and PLANTED_TOKEN not in result.stderr + result.stdout
+        assert marker(output) == before
+        return
+    assert f"Hub: token of alice can write {REPO_ID} (will be created)" in result.stderr
     expected = {"403": f"the token in HF_TOKEN may not write to {REPO_ID} (HTTP 403)",
-                "refused": f"nothing accepts connections at {endpoint} (connection refused): check HF_ENDPOINT"}[fault]
+                "dropped": f"the connection to {hub.url} was cut before the answer was complete"}[fault]
     assert expected in error and "without retraining" in error
     assert PLANTED_TOKEN not in result.stderr + result.stdout
     record = marker(output)

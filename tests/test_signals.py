@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import PLANTED_TOKEN, ROOT, cli_env, run_cli, start_cli
+from hubserver import whoami_payload
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
@@ -188,8 +189,13 @@ def test_export_abandoned_at_any_point_leaves_final_as_it_was(tmp_path):
         flag.restore()
 
 
+SIGNALS_REPO = "someone/sana-signals"
+
+
 class StallingHub(ThreadingHTTPServer):
-    """Accepts Hub API calls and answers none until released: an upload that is in progress."""
+    """Accepts Hub API calls and answers none until released: an upload that is in progress. The push
+    preflight's lookups (whoami: a write token of the repo's owner; the repo: not there yet) and
+    huggingface_hub's agent-harness registry are answered at once and not recorded."""
 
     daemon_threads = True
 
@@ -205,7 +211,27 @@ class StallingHub(ThreadingHTTPServer):
                 with contextlib.suppress(OSError):  # the client is usually gone by then
                     self.send_error(503)
 
-            do_GET = do_HEAD = do_POST = do_PUT = _stall
+            def _answer(self, status: int, body: object, **headers: str) -> None:
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                if path == "/api/whoami-v2":
+                    return self._answer(200, whoami_payload(SIGNALS_REPO.split("/")[0]))
+                if path == f"/api/models/{SIGNALS_REPO}":
+                    return self._answer(404, {"error": "Repository not found"}, **{"X-Error-Code": "RepoNotFound"})
+                if path == "/api/agent-harnesses":
+                    return self._answer(404, {"error": "not here"})
+                return self._stall()
+
+            do_HEAD = do_POST = do_PUT = _stall
 
             def log_message(self, *args):
                 pass
@@ -236,7 +262,7 @@ def test_stop_during_upload_exits_143_and_the_next_start_uploads_again(shared_wo
     hub = StallingHub()
     out = tmp_path / "out"
     env = cli_env(shared_workspace, out, SANA_MAX_TRAIN_STEPS="4", SANA_CHECKPOINTING_STEPS="4", SANA_VALIDATION_STEPS="0",
-                  SANA_PUSH_TO_HUB="true", SANA_HUB_MODEL_ID="someone/sana-signals", HF_ENDPOINT=hub.url,
+                  SANA_PUSH_TO_HUB="true", SANA_HUB_MODEL_ID=SIGNALS_REPO, HF_ENDPOINT=hub.url,
                   HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1")
     try:
         for attempt in (1, 2):

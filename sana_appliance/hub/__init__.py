@@ -1,3 +1,4 @@
-"""The Hugging Face Hub: the only downloader (download), the only uploader (upload) and the one
-retry rule both follow (retry). Imports only core.
+"""The Hugging Face Hub: the only downloader (download), the only uploader (upload), the push
+preflight (access: may the token write the repo) and the one retry rule they all follow (retry).
+Imports only core.
 """
