@@ -186,9 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock = None
         if resolved.worker_rank is None or (resolved.worker_rank == 0 and not resolved.under_appliance_launcher):
             lock = runlock.acquire(Path(resolved.config.output_dir))
-            # Once per job, before any download or training: may the token push to hub_model_id?
-            _check_hub_access(resolved)
         try:
+            pushes = resolved.config.push_to_hub or resolved.config.push_checkpoints_to_hub
+            if lock is not None and pushes:  # once per job, before any download or training: may the token push?
+                from .distributed.stopping import StopFlag
+
+                check_stop = StopFlag().install()  # the check may retry for minutes while the Hub is down
+                try:
+                    with check_stop.immediate("the Hub access check", "nothing was downloaded or trained yet"):
+                        _check_hub_access(resolved)
+                finally:
+                    check_stop.restore()
             if resolved.worker_rank is None:
                 from .distributed.launch import launch, process_count
 
