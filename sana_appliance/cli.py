@@ -161,6 +161,8 @@ def _check_hub_access(resolved: Resolved) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    for name in ("httpx", "httpx2", "httpcore"):  # one line per HTTP request would bury the run's own lines
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args, cli = parse_args(argv)
         if args.verb == "presets":
@@ -202,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 count = process_count(resolved.config.num_processes)
                 if count > 1:
-                    return launch(count, argv, dict(os.environ), inherit_fds=(lock.fd,))
+                    # Rank 0 may spend hub_stop_upload_s on the upload queue after a stop's checkpoint.
+                    grace = 60.0 + (resolved.config.hub_stop_upload_s if resolved.config.push_to_hub else 0.0)
+                    return launch(count, argv, dict(os.environ), inherit_fds=(lock.fd,), grace_s=grace)
             from .distributed.stopping import StopFlag
 
             # Installed before the heavy imports, so a stop at any moment exits 143/130 with a message.

@@ -80,18 +80,27 @@ class JsonlTracker(NullTracker):
 
 
 class TensorBoardTracker(NullTracker):
-    def __init__(self, logdir: Path):
+    """Event files in output/tensorboard. On resume at step s, events the interrupted run wrote past s are
+    purged (SummaryWriter's purge_step), and what the resumed run measures again at s is not written twice."""
+
+    def __init__(self, logdir: Path, resume_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(logdir))
+        self._resume_step = resume_step
+        self._writer = SummaryWriter(log_dir=str(logdir), purge_step=resume_step + 1 if resume_step else None)
 
     def log(self, step: int, metrics: dict) -> None:
+        if self._resume_step and step <= self._resume_step:
+            return  # the interrupted run logged this step; metrics.jsonl keeps the re-measurement
         for key, value in metrics.items():
             if isinstance(value, (int, float)):
                 self._writer.add_scalar(key, value, step)
 
     def log_images(self, step: int, images: dict) -> None:
         import numpy as np
+
+        if self._resume_step and step <= self._resume_step:
+            return
 
         for name, image in images.items():
             self._writer.add_image(f"validation/{name}", np.asarray(image), step, dataformats="HWC")
@@ -146,6 +155,7 @@ class TrackerContext:
     config_dict: dict  # the redacted config, for trackers that record it
     run_id: str | None  # the tracker run id an interrupted run recorded (resumed, not duplicated)
     wandb_mode: str | None  # WANDB_MODE from the environment
+    resume_step: int = 0  # the step a resumed run continues from (0: a fresh run)
 
 
 @dataclass(frozen=True)
@@ -172,7 +182,7 @@ TRACKERS: dict[str, TrackerSpec] = {spec.name: spec for spec in (
                                        c.output_dir, c.wandb_mode),
                 problem=_wandb_problem, folder="wandb"),
     TrackerSpec("tensorboard", "TensorBoard event files in output/tensorboard",
-                lambda c: TensorBoardTracker(c.output_dir / "tensorboard"), folder="tensorboard"),
+                lambda c: TensorBoardTracker(c.output_dir / "tensorboard", c.resume_step), folder="tensorboard"),
 )}
 
 
@@ -188,7 +198,7 @@ def build(cfg, output_dir: Path, config_dict: dict, resume_step: int, run_id: st
     if not is_main:
         return NullTracker()
     trackers: list[NullTracker] = [JsonlTracker(output_dir / "metrics.jsonl", resume_step)]
-    context = TrackerContext(cfg, output_dir, config_dict, run_id, wandb_mode)
+    context = TrackerContext(cfg, output_dir, config_dict, run_id, wandb_mode, resume_step)
     for name in selected(cfg.report_to):
         trackers.append(TRACKERS[name].build(context))
     return Trackers(trackers)

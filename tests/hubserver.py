@@ -1,41 +1,75 @@
 """A real HTTP server that answers the Hugging Face Hub endpoints huggingface_hub 2.x calls to
-resolve a revision, download a model or dataset snapshot, and upload a folder.
+resolve a revision, list and download a model or dataset snapshot, and create commits.
 
 Used by tests instead of mocking huggingface_hub: the library runs unchanged against it
-(set HF_ENDPOINT / HubSettings.endpoint to `FakeHub.url`). Endpoints, as called by
-huggingface_hub 2.4:
+(set HF_ENDPOINT / HubSettings.endpoint / HfApi(endpoint=...) to `FakeHub.url`). Endpoints, as
+called by huggingface_hub 2.4 ({type} is models or datasets; {rev} a branch, tag or commit sha,
+URL-quoted; {path} a repo path, URL-quoted with or without its slashes):
 
-    GET  /api/whoami-v2                                             the token's account, orgs and permissions
-    GET  /api/{models|datasets}/{owner}/{name}[/revision/{rev}]     repo info -> {"id", "sha"} (repo_exists: no rev)
-    GET  /api/{models|datasets}/{owner}/{name}/tree/{rev}?recursive  file listing
-    HEAD /[datasets/]{owner}/{name}/resolve/{rev}/{path}             X-Repo-Commit, ETag, Content-Length
-    GET  /[datasets/]{owner}/{name}/resolve/{rev}/{path}             the bytes
-    POST /api/repos/create                                          create a repo (409 if it exists)
-    POST /api/validate-yaml                                         model card metadata check
-    POST /api/{models|datasets}/{owner}/{name}/preupload/{rev}      upload mode (regular / lfs) per file
-    POST /[datasets/]{owner}/{name}.git/info/lfs/objects/batch      LFS: which objects to PUT where
-    PUT  /lfs-objects/{sha256}                                      LFS: the bytes of one object
-    POST /api/{models|datasets}/{owner}/{name}/commit/{rev}         NDJSON commit -> {"commitOid"}
+    GET  /api/whoami-v2                                    the token's account, orgs and permissions
+    GET  /api/{type}/{owner}/{name}[/revision/{rev}]       repo info: id, sha, private, gated, siblings
+                                                           (?blobs=true adds size, blobId, lfs to siblings)
+    GET  /api/{type}/{owner}/{name}/tree/{rev}[/{path}]    listing of the root or of a folder, ?recursive=true
+                                                           for all descendants; LFS files carry "lfs": {oid
+                                                           (sha256), size, pointerSize} and "oid" is the git
+                                                           blob id of their pointer; a missing path (or a
+                                                           file) -> 404 EntryNotFound
+    POST /api/{type}/{owner}/{name}/paths-info/{rev}       entries of the given paths (form field "paths")
+    GET  /api/{type}/{owner}/{name}/refs                   branches, tags (converts, pullRequests empty)
+    HEAD /[datasets/]{owner}/{name}/resolve/{rev}/{path}   X-Repo-Commit, ETag, Content-Length; LFS files also
+                                                           X-Linked-Etag (sha256) and X-Linked-Size
+    GET  /[datasets/]{owner}/{name}/resolve/{rev}/{path}   the bytes (LFS too: 200, no CDN redirect)
+    POST /api/repos/create                                 create a repo (409 if it exists); "private" /
+                                                           "visibility" in the payload sets FakeRepo.private
+    POST /api/validate-yaml                                model card metadata check
+    POST /api/{type}/{owner}/{name}/preupload/{rev}        upload mode (regular / lfs) and remote oid per file
+    POST /[datasets/]{owner}/{name}.git/info/lfs/objects/batch   LFS: which objects to PUT where
+    PUT  /lfs-objects/{sha256}                             LFS: the bytes of one object (basic transfer)
+    POST /api/{type}/{owner}/{name}/commit/{rev}           NDJSON commit (header, file, lfsFile, deletedFile,
+                                                           deletedFolder) -> {"commitOid", "commitUrl"}
 
-Uploads need a token from `write_tokens` (401 without a token, 403 with another one); whoami answers
-for the tokens in `tokens` (token -> whoami payload, see `whoami_payload`) and for every write token
-(as a write token of "alice", member of the org "acme" with the write role), 401 for others. The LFS
-protocol is used, not Xet (run the client with HF_HUB_DISABLE_XET=1, since hf_xet is installed).
+Xet: hf_xet is installed, but the server offers only the basic LFS transfer (no Xet headers, no
+"xet" transfer in the LFS batch answer, no xetHash in listings): run clients with
+HF_HUB_DISABLE_XET=1 (or set huggingface_hub.constants.HF_HUB_DISABLE_XET = True in-process).
+
+Auth: uploads need a token from `write_tokens` (401 without a token, 403 with another one); whoami
+answers for the tokens in `tokens` (token -> whoami payload, see `whoami_payload`) and for every write
+token (as a write token of "alice", member of the org "acme" with the write role), 401 for others.
+A private repo is visible only to known tokens (write_tokens or tokens): others get the Hub's 404
+(401 anonymous) RepoNotFound. `revoke(token)` makes a token invalid: every request carrying it gets
+401 with X-Error-Message "Invalid credentials in Authorization header", as the Hub answers an invalid
+token (huggingface_hub raises HfHubHTTPError, status 401). To model a read-only token instead, take it
+out of `write_tokens` (writes then get 403).
 Errors follow the Hub: `X-Error-Code: RepoNotFound | RevisionNotFound | GatedRepo | EntryNotFound`.
-Faults (an HTTP status, a dropped connection, a delay) can be queued per method and path, and
-every request is recorded so tests can count retries and check which revision was fetched.
+Deleting a file that does not exist is 404 EntryNotFound ("A file with this name doesn't exist"), as on
+the Hub; deleting a missing folder is 404 too unless `lenient_folder_deletes` is set (not verified
+against the real Hub: handle both).
+
+State: `repos[(type, id)]` -> FakeRepo (files: path -> bytes of the head, lfs: paths stored in LFS,
+commits: shas, history: Commit records, snapshots of earlier commits so old shas still resolve).
+Faults, queued with `fail(method, path_contains, action, times)` or applied to every request with
+`outage(action)`, are: an HTTP status (int); "drop" (close without answering, nothing applied);
+"apply-then-drop" (handle the request fully, e.g. apply the commit, then close without answering: a
+reply lost after the Hub acted); "delay:<s>" (wait, then answer); "hang:<s>" (say nothing for that
+long, then close). `refuse()` / `accept()` stop and resume listening on the same port (connections
+refused meanwhile, open ones cut, state kept). Every request is recorded (`requests`, `hits`) so
+tests can count retries and check which revision was fetched. All state changes happen under the
+hub's lock, so tests may poll while a client uploads from another thread.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
+import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -43,8 +77,15 @@ def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def lfs_pointer(data: bytes) -> bytes:
+    """The git LFS pointer file that git stores in place of an LFS file's content."""
+    return (f"version https://git-lfs.github.com/spec/v1\noid sha256:{hashlib.sha256(data).hexdigest()}\n"
+            f"size {len(data)}\n").encode()
+
+
 DEFAULT_USER = "alice"
 DEFAULT_ORGS = {"acme": "write"}
+INVALID_TOKEN_MESSAGE = "Invalid credentials in Authorization header"  # the Hub's X-Error-Message for a bad token
 
 
 def whoami_payload(
@@ -77,28 +118,50 @@ def whoami_payload(
 
 
 @dataclass
+class Commit:
+    """One commit the Hub accepted: what it added (path -> sha256 hex of the content) and deleted
+    (the paths as sent: a folder deletion keeps its trailing "/" if the client sent one)."""
+
+    sha: str
+    message: str
+    added: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+
+
+@dataclass
 class FakeRepo:
     repo_id: str
     repo_type: str  # "model" or "dataset"
-    files: dict[str, bytes]
+    files: dict[str, bytes]  # the head's files (tests may edit them; the head sha then serves the edit)
     sha: str
-    branches: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit sha
+    branches: dict[str, str] = field(default_factory=dict)  # branch -> commit sha (list_repo_refs: branches)
     gated: bool = False
     allowed_tokens: frozenset[str] = frozenset()  # tokens that accepted the gated repo's license
     commits: list[str] = field(default_factory=list)  # shas of the commits pushed to it, oldest first
+    private: bool = False
+    lfs: set[str] = field(default_factory=set)  # paths of `files` stored in LFS (tree "lfs", X-Linked-Etag)
+    history: list[Commit] = field(default_factory=list)  # the commits pushed to it, oldest first
+    tags: dict[str, str] = field(default_factory=dict)  # tag -> commit sha
+    snapshots: dict[str, tuple[dict[str, bytes], frozenset[str]]] = field(default_factory=dict, repr=False)
+    # files and LFS paths of earlier commits, by sha, so that a download pinned to an old sha still works
 
     def resolve(self, revision: str) -> str | None:
-        if revision == self.sha:
-            return self.sha
-        return self.branches.get(revision)
+        if revision == self.sha or revision in self.snapshots:
+            return revision
+        return self.branches.get(revision) or self.tags.get(revision)
+
+    def at(self, sha: str) -> tuple[dict[str, bytes], frozenset[str] | set[str]]:
+        """The files and LFS paths of commit `sha` (the head for an unknown sha)."""
+        if sha != self.sha and sha in self.snapshots:
+            return self.snapshots[sha]
+        return self.files, self.lfs
 
 
 @dataclass
 class Fault:
     method: str
     path_contains: str
-    action: int | str  # an HTTP status, "drop" (close without answering), "delay:<seconds>" (then answer)
-    # or "hang:<seconds>" (say nothing for that long, then close without answering)
+    action: int | str  # see _check_action
     remaining: int
 
 
@@ -119,14 +182,79 @@ def _oid(data: bytes, mode: str) -> str:
     return hashlib.sha256(data).hexdigest() if mode == "lfs" else git_blob_oid(data)
 
 
+def _check_action(action: int | str) -> int | str:
+    """An HTTP status, "drop" (close without answering), "apply-then-drop" (handle the request, then close
+    without answering), "delay:<seconds>" (then answer) or "hang:<seconds>" (silence, then close)."""
+    if isinstance(action, int) and not isinstance(action, bool) and 100 <= action <= 599:
+        return action
+    if action in ("drop", "apply-then-drop"):
+        return action
+    if isinstance(action, str) and action.startswith(("delay:", "hang:")):
+        float(action.split(":", 1)[1])  # ValueError if it is no number
+        return action
+    raise ValueError(f"unknown fault action {action!r}")
+
+
+def _folders(paths: Iterable[str], base: str = "") -> set[str]:
+    """Every folder below `base` ("" or "a/b/") that holds one of `paths` (all under `base`)."""
+    found = set()
+    for path in paths:
+        parts = path[len(base):].split("/")
+        for i in range(1, len(parts)):
+            found.add(base + "/".join(parts[:i]))
+    return found
+
+
+def _file_entry(path: str, data: bytes, is_lfs: bool) -> dict:
+    if not is_lfs:
+        return {"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": path}
+    pointer = lfs_pointer(data)
+    return {"type": "file", "oid": git_blob_oid(pointer), "size": len(data), "path": path,
+            "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": len(pointer)}}
+
+
+def _folder_entry(folder: str, files: dict[str, bytes]) -> dict:
+    inside = sorted((p, git_blob_oid(d)) for p, d in files.items() if p.startswith(folder + "/"))
+    return {"type": "directory", "oid": hashlib.sha1(repr(inside).encode()).hexdigest(), "size": 0, "path": folder}
+
+
+def _truthy(values: list[str] | None) -> bool:
+    return values is not None and bool(values) and values[-1].lower() in ("1", "true", "yes")
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.connections: set[socket.socket] = set()
+        self._connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def process_request(self, request, client_address) -> None:
+        with self._connections_lock:
+            self.connections.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request) -> None:
+        with self._connections_lock:
+            self.connections.discard(request)
+        super().shutdown_request(request)
+
+    def cut_connections(self) -> None:
+        """Close every open (keep-alive) connection, as a server going down does."""
+        with self._connections_lock:
+            open_ones = list(self.connections)
+        for sock in open_ones:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request, client_address) -> None:
         # A client that timed out or gave up closes its end; that is the point of some tests.
         import sys
 
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)):
             super().handle_error(request, client_address)
 
 
@@ -137,12 +265,16 @@ class FakeHub:
         self.repos: dict[tuple[str, str], FakeRepo] = {}
         self.write_tokens: set[str] = set()  # tokens that may create repos and push
         self.tokens: dict[str, dict] = {}  # token -> what whoami answers (write tokens answer as whoami_payload())
+        self.revoked: set[str] = set()  # tokens the Hub no longer accepts (401 on every request)
         self.lfs_objects: dict[str, bytes] = {}  # sha256 -> content, as the Hub's LFS storage
         self.requests: list[Request] = []
+        self.lenient_folder_deletes = False  # True: deleting a missing folder is a no-op instead of 404
         self._faults: list[Fault] = []
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._outage: int | str | None = None
+        self._lock = threading.RLock()
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+        self._address: tuple[str, int] | None = None
 
     # ------------------------------------------------------------ setup
 
@@ -154,7 +286,10 @@ class FakeHub:
         repo_type: str = "model",
         gated: bool = False,
         allowed_tokens: tuple[str, ...] = (),
+        private: bool = False,
     ) -> FakeRepo:
+        """A repo holding `files` at one commit (no history); files that the Hub's .gitattributes rule puts
+        in LFS (binary or > 100 kB) are listed as LFS files."""
         sha = hashlib.sha1(repr((repo_id, sorted(files.items()))).encode()).hexdigest()
         repo = FakeRepo(
             repo_id=repo_id,
@@ -164,23 +299,57 @@ class FakeHub:
             branches={"main": sha},
             gated=gated,
             allowed_tokens=frozenset(allowed_tokens),
+            private=private,
+            lfs={path for path, data in files.items() if _lfs_mode(data[:512], len(data)) == "lfs"},
         )
-        self.repos[(repo_type, repo_id)] = repo
+        with self._lock:
+            self.repos[(repo_type, repo_id)] = repo
         return repo
 
     def add_token(self, token: str, **whoami: object) -> dict:
         """A token whoami knows (arguments of `whoami_payload`); it may push only if also in write_tokens."""
-        self.tokens[token] = whoami_payload(**whoami)  # type: ignore[arg-type]
-        return self.tokens[token]
+        with self._lock:
+            self.tokens[token] = whoami_payload(**whoami)  # type: ignore[arg-type]
+            return self.tokens[token]
+
+    def revoke(self, token: str) -> None:
+        """From now on every request carrying `token` gets 401 "Invalid credentials in Authorization header"
+        (what the Hub answers for a revoked or invalid token), reads included."""
+        with self._lock:
+            self.revoked.add(token)
+
+    # ------------------------------------------------------------ faults
 
     def fail(self, method: str, path_contains: str, action: int | str, times: int = 1) -> None:
-        """The next `times` requests whose path contains `path_contains` get `action` instead."""
+        """The next `times` requests with this method whose path contains `path_contains` get `action`
+        (an HTTP status, "drop", "apply-then-drop", "delay:<s>" or "hang:<s>") instead."""
         with self._lock:
-            self._faults.append(Fault(method, path_contains, action, times))
+            self._faults.append(Fault(method, path_contains, _check_action(action), times))
 
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def outage(self, action: int | str = 503) -> None:
+        """Every request, any method and path, gets `action` (as in `fail`) until `end_outage()`; queued
+        faults wait meanwhile."""
+        with self._lock:
+            self._outage = _check_action(action)
+
+    def end_outage(self) -> None:
+        with self._lock:
+            self._outage = None
+
+    def refuse(self) -> None:
+        """Stop listening: connections are refused and open keep-alive connections are cut (as when the
+        Hub is unreachable); the state is kept. `accept()` listens again on the same port."""
+        self._close_server()
+
+    def accept(self) -> None:
+        """Listen again, on the same address and port, after `refuse()`."""
+        assert self._address is not None, "start the FakeHub first"
+        if self._server is None:
+            self._listen(self._address)
 
     def hits(self, method: str | None = None, contains: str = "") -> int:
         with self._lock:
@@ -190,27 +359,16 @@ class FakeHub:
 
     @property
     def url(self) -> str:
-        assert self._server is not None, "start the FakeHub first"
-        host, port = self._server.server_address[:2]
+        assert self._address is not None, "start the FakeHub first"
+        host, port = self._address
         return f"http://{host}:{port}"
 
     def start(self) -> FakeHub:
-        handler = type("Handler", (_Handler,), {"hub": self})
-        self._server = _Server(("127.0.0.1", 0), handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
-        )
-        self._thread.start()
+        self._listen(("127.0.0.1", 0))
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._close_server()
 
     def __enter__(self) -> FakeHub:
         return self.start()
@@ -220,14 +378,39 @@ class FakeHub:
 
     # ------------------------------------------------------------ internals
 
+    def _listen(self, address: tuple[str, int]) -> None:
+        handler = type("Handler", (_Handler,), {"hub": self})
+        server = _Server(address, handler)
+        self._address = server.server_address[:2]  # type: ignore[assignment]
+        self._server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
+        self._thread.start()
+
+    def _close_server(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            server.cut_connections()
+        if thread is not None:
+            thread.join(timeout=5)
+
     def _record(self, method: str, path: str, authorization: str | None) -> int | str | None:
         with self._lock:
             self.requests.append(Request(method, path, authorization))
+            if self._outage is not None:
+                return self._outage
             for fault in self._faults:
                 if fault.remaining > 0 and fault.method == method and fault.path_contains in path:
                     fault.remaining -= 1
                     return fault.action
         return None
+
+    def _may_read_private(self, token: str | None) -> bool:
+        return token is not None and (token in self.write_tokens or token in self.tokens)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -264,6 +447,10 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(chunk)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    def _token(self) -> str | None:
+        auth = self.headers.get("Authorization")
+        return auth.removeprefix("Bearer ") if auth else None
+
     def _serve(self, method: str) -> None:
         raw_path = urlsplit(self.path).path
         path = unquote(raw_path)
@@ -278,25 +465,44 @@ class _Handler(BaseHTTPRequestHandler):
         elif action == "drop":
             self.close_connection = True  # answer nothing: the client sees the connection cut
             return
+        elif action == "apply-then-drop":
+            wire, self.wfile = self.wfile, io.BytesIO()  # the answer goes nowhere
+            try:
+                self._dispatch(method, raw_path, path, body)
+            finally:
+                self.wfile = wire
+                self.close_connection = True
+            return
         elif isinstance(action, int):
             self._send_json(action, {"error": f"injected HTTP {action}"})
             return
+        self._dispatch(method, raw_path, path, body)
+
+    def _dispatch(self, method: str, raw_path: str, path: str, body: bytes) -> None:
+        token = self._token()
+        if token is not None and token in self.hub.revoked:
+            return self._send_json(401, {"error": INVALID_TOKEN_MESSAGE}, error_message=INVALID_TOKEN_MESSAGE)
         if method in ("POST", "PUT"):
             return self._write(method, raw_path, body)
 
+        query = parse_qs(urlsplit(self.path).query)
         parts = raw_path.strip("/").split("/")
         if parts == ["api", "whoami-v2"]:
             return self._whoami()
-        if parts[:1] == ["api"] and len(parts) == 4 and parts[1] in ("models", "datasets"):
-            return self._repo_info(parts[1][:-1], f"{unquote(parts[2])}/{unquote(parts[3])}", "main")
-        if parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
+        if parts[:1] == ["api"] and len(parts) >= 4 and parts[1] in ("models", "datasets"):
             repo_type = parts[1][:-1]
             repo_id = f"{unquote(parts[2])}/{unquote(parts[3])}"
-            revision = unquote(parts[5])
-            if parts[4] == "revision":
-                return self._repo_info(repo_type, repo_id, revision)
-            if parts[4] == "tree":
-                return self._tree(repo_type, repo_id, revision)
+            if len(parts) == 4:
+                return self._repo_info(repo_type, repo_id, "main", query)
+            if len(parts) == 5 and parts[4] == "refs":
+                return self._refs(repo_type, repo_id)
+            if len(parts) >= 6:
+                revision = unquote(parts[5])
+                if parts[4] == "revision":
+                    return self._repo_info(repo_type, repo_id, revision, query)
+                if parts[4] == "tree":
+                    folder = "/".join(unquote(p) for p in parts[6:]).strip("/")
+                    return self._tree(repo_type, repo_id, revision, folder, _truthy(query.get("recursive")))
         repo_type = "model"
         if parts[:1] == ["datasets"]:
             repo_type, parts = "dataset", parts[1:]
@@ -308,47 +514,110 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(404, {"error": f"no such endpoint {path}"})
 
     def _find(self, repo_type: str, repo_id: str, revision: str) -> tuple[FakeRepo, str] | None:
-        repo = self.hub.repos.get((repo_type, repo_id))
-        if repo is None:
+        with self.hub._lock:
+            repo = self.hub.repos.get((repo_type, repo_id))
+            hidden = repo is not None and repo.private and not self.hub._may_read_private(self._token())
+            sha = repo.resolve(revision) if repo is not None else None
+        if repo is None or hidden:
             # The Hub answers 401 to anonymous callers and 404 to authenticated ones, so as not to
             # reveal whether a private repo exists.
             status = 404 if self.headers.get("Authorization") else 401
             self._send_json(status, {"error": "Repository not found"}, error_code="RepoNotFound")
             return None
-        sha = repo.resolve(revision)
         if sha is None:
             self._send_json(404, {"error": f"Invalid rev id: {revision}"}, error_code="RevisionNotFound")
             return None
         return repo, sha
 
     def _whoami(self) -> None:
-        auth = self.headers.get("Authorization")
-        token = auth.removeprefix("Bearer ") if auth else None
-        payload = self.hub.tokens.get(token) if token else None
-        if payload is None and token in self.hub.write_tokens:
-            payload = whoami_payload()
+        token = self._token()
+        with self.hub._lock:
+            payload = self.hub.tokens.get(token) if token else None
+            if payload is None and token in self.hub.write_tokens:
+                payload = whoami_payload()
         if payload is None:
             return self._send_json(401, {"error": "Invalid credentials in Authorization header"})
         self._send_json(200, payload)
 
-    def _repo_info(self, repo_type: str, repo_id: str, revision: str) -> None:
-        found = self._find(repo_type, repo_id, revision)
-        if found is not None:
-            repo, sha = found
-            body = {"id": repo.repo_id, "sha": sha, "private": False, "gated": "manual" if repo.gated else False}
-            self._send_json(200, body)
-
-    def _tree(self, repo_type: str, repo_id: str, revision: str) -> None:
+    def _repo_info(self, repo_type: str, repo_id: str, revision: str, query: dict[str, list[str]]) -> None:
         found = self._find(repo_type, repo_id, revision)
         if found is None:
             return
+        repo, sha = found
+        with self.hub._lock:
+            files, lfs = repo.at(sha)
+            blobs = _truthy(query.get("blobs"))
+            siblings = []
+            for name, data in sorted(files.items()):
+                sibling: dict = {"rfilename": name}
+                if blobs:
+                    entry = _file_entry(name, data, name in lfs)
+                    sibling.update(size=entry["size"], blobId=entry["oid"])
+                    if "lfs" in entry:
+                        sibling["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["lfs"]["size"],
+                                          "pointerSize": entry["lfs"]["pointerSize"]}
+                siblings.append(sibling)
+            body = {"id": repo.repo_id, "sha": sha, "private": repo.private,
+                    "gated": "manual" if repo.gated else False, "siblings": siblings}
+        self._send_json(200, body)
+
+    def _refs(self, repo_type: str, repo_id: str) -> None:
+        found = self._find(repo_type, repo_id, "main")
+        if found is None:
+            return
         repo, _ = found
+        with self.hub._lock:
+            body = {
+                "branches": [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": sha}
+                             for name, sha in sorted(repo.branches.items())],
+                "converts": [],
+                "tags": [{"name": name, "ref": f"refs/tags/{name}", "targetCommit": sha}
+                         for name, sha in sorted(repo.tags.items())],
+                "pullRequests": [],
+            }
+        self._send_json(200, body)
+
+    def _tree(self, repo_type: str, repo_id: str, revision: str, folder: str, recursive: bool) -> None:
+        found = self._find(repo_type, repo_id, revision)
+        if found is None:
+            return
+        repo, sha = found
+        with self.hub._lock:
+            files, lfs = repo.at(sha)
+            files, lfs = dict(files), set(lfs)
+        base = f"{folder}/" if folder else ""
+        inside = {p: d for p, d in files.items() if p.startswith(base)}
+        if folder and not inside:  # a missing path, or a file: not a folder to list
+            message = f"{folder} does not exist on {revision}"
+            return self._send_json(404, {"error": message}, error_code="EntryNotFound", error_message=message)
+        folders = _folders(inside, base)
+        if not recursive:
+            folders = {f for f in folders if "/" not in f[len(base):]}
+            inside = {p: d for p, d in inside.items() if "/" not in p[len(base):]}
+        entries = [_folder_entry(f, files) for f in sorted(folders)]
+        entries += [_file_entry(p, d, p in lfs) for p, d in sorted(inside.items())]
+        self._send_json(200, entries)
+
+    def _paths_info(self, repo_type: str, repo_id: str, revision: str, body: bytes) -> None:
+        found = self._find(repo_type, repo_id, revision)
+        if found is None:
+            return
+        repo, sha = found
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            paths = json.loads(body).get("paths") or []
+        else:
+            paths = parse_qs(body.decode()).get("paths") or []
+        with self.hub._lock:
+            files, lfs = repo.at(sha)
+            files, lfs = dict(files), set(lfs)
+        folders = _folders(files)
         entries = []
-        folders = sorted({"/".join(p.split("/")[:i]) for p in repo.files for i in range(1, p.count("/") + 1)})
-        for folder in folders:
-            entries.append({"type": "directory", "oid": git_blob_oid(folder.encode()), "size": 0, "path": folder})
-        for name, data in sorted(repo.files.items()):
-            entries.append({"type": "file", "oid": git_blob_oid(data), "size": len(data), "path": name})
+        for path in paths:
+            path = path.strip("/")
+            if path in files:
+                entries.append(_file_entry(path, files[path], path in lfs))
+            elif path in folders:
+                entries.append(_folder_entry(path, files))
         self._send_json(200, entries)
 
     def _resolve(self, method: str, repo_type: str, repo_id: str, revision: str, filename: str) -> None:
@@ -357,8 +626,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         repo, sha = found
         if repo.gated:
-            auth = self.headers.get("Authorization")
-            token = auth.removeprefix("Bearer ") if auth else None
+            token = self._token()
             if token is None:
                 message = f"Access to {repo_type} {repo_id} is restricted. You must have access to it and be authenticated to access it. Please log in."
                 self._send_json(401, {"error": message}, error_code="GatedRepo", error_message=message)
@@ -367,14 +635,22 @@ class _Handler(BaseHTTPRequestHandler):
                 message = f"Access to {repo_type} {repo_id} is restricted and you are not in the authorized list. Visit the repo to ask for access."
                 self._send_json(403, {"error": message}, error_code="GatedRepo", error_message=message)
                 return
-        data = repo.files.get(filename)
+        with self.hub._lock:
+            files, lfs = repo.at(sha)
+            data = files.get(filename)
+            is_lfs = filename in lfs
         if data is None:
             self._send_json(404, {"error": "Entry not found"}, error_code="EntryNotFound", extra={"X-Repo-Commit": sha})
             return
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{git_blob_oid(data)}"')
+        if is_lfs:  # the Hub names the LFS object (sha256, real size) besides the pointer's blob id
+            self.send_header("ETag", f'"{git_blob_oid(lfs_pointer(data))}"')
+            self.send_header("X-Linked-Etag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Linked-Size", str(len(data)))
+        else:
+            self.send_header("ETag", f'"{git_blob_oid(data)}"')
         self.send_header("X-Repo-Commit", sha)
         self.end_headers()
         if method == "GET":
@@ -384,8 +660,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _writer_refused(self) -> bool:
         """Answer 401/403 unless the request carries a write token."""
-        auth = self.headers.get("Authorization")
-        token = auth.removeprefix("Bearer ") if auth else None
+        token = self._token()
         if token is None:
             self._send_json(401, {"error": "Invalid username or password."})
             return True
@@ -400,6 +675,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, {"errors": [], "warnings": []})
         if method == "PUT" and len(parts) == 2 and parts[0] == "lfs-objects":
             return self._lfs_put(parts[1], body)  # a pre-signed storage URL on the Hub: no token is sent
+        api_repo = method == "POST" and parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets")
+        if api_repo and parts[4] == "paths-info":  # a read, sent as a POST
+            return self._paths_info(parts[1][:-1], f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), body)
         if self._writer_refused():
             return
         if method == "POST" and parts == ["api", "repos", "create"]:
@@ -408,7 +686,7 @@ class _Handler(BaseHTTPRequestHandler):
             repo_type = "dataset" if parts[0] == "datasets" else "model"
             owner_name = parts[1:-4] if repo_type == "dataset" else parts[:-4]
             return self._lfs_batch(json.loads(body), repo_type, "/".join(owner_name).removesuffix(".git"))
-        if method == "POST" and parts[:1] == ["api"] and len(parts) >= 6 and parts[1] in ("models", "datasets"):
+        if api_repo:
             repo_type, repo_id, revision = parts[1][:-1], f"{parts[2]}/{parts[3]}", "/".join(parts[5:])
             if parts[4] == "preupload":
                 return self._preupload(repo_type, repo_id, revision, json.loads(body))
@@ -420,9 +698,13 @@ class _Handler(BaseHTTPRequestHandler):
         repo_type = payload.get("type") or "model"
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         prefix = "" if repo_type == "model" else f"{repo_type}s/"
-        if (repo_type, repo_id) in self.hub.repos:
+        private = payload.get("visibility") == "private" or bool(payload.get("private"))
+        with self.hub._lock:
+            exists = (repo_type, repo_id) in self.hub.repos
+            if not exists:
+                self.hub.add_repo(repo_id, {}, repo_type=repo_type, private=private)
+        if exists:
             return self._send_json(409, {"error": "You already created this model repo", "url": f"{self.hub.url}/{prefix}{repo_id}"})
-        self.hub.add_repo(repo_id, {}, repo_type=repo_type)
         self._send_json(200, {"url": f"{self.hub.url}/{prefix}{repo_id}"})
 
     def _preupload(self, repo_type: str, repo_id: str, revision: str, payload: dict) -> None:
@@ -430,21 +712,28 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             return
         repo, sha = found
+        with self.hub._lock:
+            current, lfs = repo.at(sha)
+            current, lfs = dict(current), set(lfs)
         files = []
         for entry in payload["files"]:
             mode = _lfs_mode(base64.b64decode(entry["sample"]), entry["size"])
-            existing = repo.files.get(entry["path"])
+            existing = current.get(entry["path"])
+            stored_as = "lfs" if entry["path"] in lfs else "regular"
             files.append({"path": entry["path"], "uploadMode": mode, "shouldIgnore": False,
-                          "oid": _oid(existing, mode) if existing is not None else None})
+                          "oid": _oid(existing, stored_as) if existing is not None else None})
         self._send_json(200, {"files": files, "commitOid": sha})
 
     def _lfs_batch(self, payload: dict, repo_type: str, repo_id: str) -> None:
-        if (repo_type, repo_id) not in self.hub.repos:
+        with self.hub._lock:
+            known = (repo_type, repo_id) in self.hub.repos
+            stored = set(self.hub.lfs_objects)
+        if not known:
             return self._send_json(404, {"error": "Repository not found"}, error_code="RepoNotFound")
         objects = []
         for obj in payload["objects"]:
             entry = {"oid": obj["oid"], "size": obj["size"], "authenticated": True}
-            if obj["oid"] not in self.hub.lfs_objects:  # only what the storage lacks is sent
+            if obj["oid"] not in stored:  # only what the storage lacks is sent
                 entry["actions"] = {"upload": {"href": f"{self.hub.url}/lfs-objects/{obj['oid']}"}}
             objects.append(entry)
         self._send_json(200, {"transfer": "basic", "objects": objects})
@@ -460,28 +749,65 @@ class _Handler(BaseHTTPRequestHandler):
         found = self._find(repo_type, repo_id, revision)
         if found is None:
             return
-        repo, parent = found
-        files = dict(repo.files)
+        repo = found[0]
+        with self.hub._lock:  # read, check and apply at once: concurrent commits serialize, none is lost
+            answer = self._apply_commit(repo, revision, body)
+        status, payload, error_code = answer
+        if error_code:
+            return self._send_json(status, payload, error_code=error_code, error_message=payload["error"])
+        self._send_json(status, payload)
+
+    def _apply_commit(self, repo: FakeRepo, revision: str, body: bytes) -> tuple[int, dict, str | None]:
+        parent = repo.resolve(revision)
+        if parent is None:
+            return 404, {"error": f"Invalid rev id: {revision}"}, "RevisionNotFound"
+        before, before_lfs = repo.at(parent)
+        files, lfs = dict(before), set(before_lfs)
+        message, added, deleted = "", {}, []
         for line in body.splitlines():
             item = json.loads(line)
             value = item["value"]
-            if item["key"] == "file":
+            if item["key"] == "header":
+                message = value.get("summary") or ""
+                expected = value.get("parentCommit")
+                if expected and expected != parent:
+                    return 412, {"error": "A commit has happened since. Please refresh and try again."}, None
+            elif item["key"] == "file":
                 files[value["path"]] = base64.b64decode(value["content"])
+                lfs.discard(value["path"])
+                added[value["path"]] = hashlib.sha256(files[value["path"]]).hexdigest()
             elif item["key"] == "lfsFile":
                 data = self.hub.lfs_objects.get(value["oid"])
                 if data is None:
-                    return self._send_json(422, {"error": f"LFS object {value['oid']} was never uploaded"})
+                    return 422, {"error": f"LFS object {value['oid']} was never uploaded"}, None
                 files[value["path"]] = data
-            elif item["key"] in ("deletedFile", "deletedFolder"):
-                files = {k: v for k, v in files.items() if k != value["path"] and not k.startswith(value["path"].rstrip("/") + "/")}
+                lfs.add(value["path"])
+                added[value["path"]] = value["oid"]
+            elif item["key"] == "deletedFile":
+                if value["path"] not in files:
+                    return 404, {"error": "A file with this name doesn't exist"}, "EntryNotFound"
+                del files[value["path"]]
+                lfs.discard(value["path"])
+                deleted.append(value["path"])
+            elif item["key"] == "deletedFolder":
+                prefix = value["path"].strip("/") + "/"
+                gone = [p for p in files if p.startswith(prefix)]
+                if not gone and not self.hub.lenient_folder_deletes:
+                    return 404, {"error": "A folder with this name doesn't exist"}, "EntryNotFound"
+                for path in gone:
+                    del files[path]
+                    lfs.discard(path)
+                deleted.append(value["path"])
         sha = hashlib.sha1(repr((parent, sorted(files.items()))).encode()).hexdigest()
-        with self.hub._lock:
-            repo.files, repo.sha = files, sha
-            repo.branches[revision] = sha
-            repo.commits.append(sha)
-        prefix = "" if repo_type == "model" else f"{repo_type}s/"
-        self._send_json(200, {"commitUrl": f"{self.hub.url}/{prefix}{repo_id}/commit/{sha}", "commitOid": sha,
-                              "success": True})
+        if repo.sha not in repo.snapshots:
+            repo.snapshots[repo.sha] = (dict(repo.files), frozenset(repo.lfs))
+        repo.files, repo.lfs, repo.sha = files, lfs, sha
+        repo.branches[revision] = sha
+        repo.commits.append(sha)
+        repo.history.append(Commit(sha=sha, message=message, added=added, deleted=deleted))
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        return 200, {"commitUrl": f"{self.hub.url}/{prefix}{repo.repo_id}/commit/{sha}", "commitOid": sha,
+                     "success": True}, None
 
     def _send_json(
         self,

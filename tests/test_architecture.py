@@ -255,8 +255,10 @@ def test_a_backend_type_and_an_upload_target_come_from_their_tables(tmp_path):
     with pytest.raises(ConfigError) as err:
         parse_data_config(entries, "test.json", w)
     assert "must be one of " + ", ".join(BACKEND_TYPES) in str(err.value)
-    assert set(UPLOAD_TARGETS) == {"final"}
+    assert list(UPLOAD_TARGETS) == ["checkpoint", "progress", "final"]
     assert any("model_index.json" in p for p in end_problems(tmp_path))  # nothing exported: final/ may not go up
+    assert "model_index.json" in UPLOAD_TARGETS["final"].problem(tmp_path, {"id": "final"})
+    assert "removed locally" in UPLOAD_TARGETS["checkpoint"].problem(tmp_path, {"id": "checkpoint-8", "step": 8})
 
 
 def test_readme_key_table_is_the_schema():

@@ -120,3 +120,19 @@ def test_save_benchmark_extrapolates_when_ram_is_capped_and_skips_when_disk_is_s
     monkeypatch.setattr(save.shutil, "disk_usage", lambda _path: Usage)
     skipped = save.main(["--presets", "lowest-vram", "--scale", "0.002", "--dir", str(tmp_path)])[0]
     assert "skipped" in skipped and "free" in skipped["skipped"]
+
+
+def test_hub_outage_benchmark_compares_rates_and_checks_the_hub(shared_workspace, tmp_path, capsys):
+    from sana_appliance.benchmarks import hub_outage
+
+    # The suite's shared workspace: the tiny model and caches are built once for every end-to-end test.
+    results = hub_outage.main(["--quick", "--workspace", str(shared_workspace), "--json", str(tmp_path / "h.json")])
+    out = capsys.readouterr().out
+    runs = results["runs"]
+    assert list(runs) == ["uploads off", "uploads on, Hub outage", "uploads off again"]
+    assert all(r["samples_per_s"] > 0 for r in runs.values())
+    on = runs["uploads on, Hub outage"]
+    assert on["outage_started"] and on["upload_retries_logged"] >= 1  # the outage really hit the uploads
+    assert on["missing_on_hub"] == [] and results["everything_uploaded"]
+    assert "uploads on during the outage: " in out and "the uploads-off rate" in out
+    assert json.loads((tmp_path / "h.json").read_text())["slowdown_pct"] == pytest.approx(results["slowdown_pct"])

@@ -69,10 +69,10 @@ def test_every_key_settable_from_env_and_typed(tmp_path):
             env.update(HF_TOKEN="hf_x", SANA_HUB_MODEL_ID="me/model")
         if f.name == "gradient_checkpointing_interval":
             env["SANA_GRADIENT_CHECKPOINTING"] = "true"
-        if f.name == "push_checkpoints_to_hub":  # not supported yet: refused, never accepted and ignored
-            with pytest.raises(ConfigError, match="push_checkpoints_to_hub.*not supported yet"):
-                resolve(env)
-            continue
+        if f.name == "push_checkpoints_to_hub":
+            with pytest.raises(ConfigError, match="push_checkpoints_to_hub=True .*needs push_to_hub: true"):
+                resolve(env)  # checkpoints go to the repo the final model goes to
+            env["SANA_PUSH_TO_HUB"] = "true"
         r = resolve(env)
         got = getattr(r.config, f.name)
         if f.name in ("output_dir", "data_backend_config", "user_prompt_library"):
@@ -484,3 +484,13 @@ def test_validation_resolution_has_an_upper_bound_and_long_warmup_warns(tmp_path
         resolve(env_for(tmp_path, PRESET="24g", SANA_VALIDATION_RESOLUTION="32768"))
     r = resolve(env_for(tmp_path, PRESET="24g", SANA_MAX_TRAIN_STEPS="10", SANA_LR_WARMUP_STEPS="50"))
     assert any("never reaches learning_rate" in w for w in r.warnings)
+
+
+def test_simpletuner_model_card_private_is_hub_private(tmp_path):
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps({"model_card_private": False, "push_to_hub_background": True}))
+    r = resolve(env_for(tmp_path, CONFIG_PATH=str(cfg_file)))
+    assert r.config.hub_private is False and r.provenance["hub_private"] == f"file:{cfg_file}"
+    assert any("`model_card_private`" in w and "SimpleTuner's name for `hub_private`" in w for w in r.warnings)
+    assert any("`push_to_hub_background`" in w and "always run in the background" in w for w in r.warnings)
+    assert resolve(env_for(tmp_path)).config.hub_private is True  # private unless asked otherwise

@@ -85,6 +85,14 @@ def files_of(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+def final_on_hub(repo, output: Path) -> bool:
+    """The exported pipeline and the single-file weights are at the repo root, byte for byte; the run's
+    records under run/."""
+    want = {**files_of(output / "final"), "transformer.safetensors": (output / "transformer.safetensors").read_bytes(),
+            "run/metrics.jsonl": (output / "metrics.jsonl").read_bytes()}
+    return all(repo.files.get(name) == data for name, data in want.items())
+
+
 # ---------------------------------------------------------------- the classification, from real failures
 
 
@@ -177,52 +185,61 @@ def test_download_refused_token_names_its_variable_and_the_repo(hub, tmp_path):
 # ---------------------------------------------------------------- uploads, in process
 
 
+def push_final(tmp_path: Path, resolved, wait_s: float = 30) -> tuple[list[str], upload.Uploader]:
+    """Queue output/final with the background uploader and wait for it, as the end of a run does."""
+    uploader = upload.Uploader(resolved, tmp_path / "out").start()
+    try:
+        uploader.add("final")
+        return uploader.drain(wait_s, why="in the test"), uploader
+    finally:
+        uploader.close()
+
+
 def test_upload_lands_every_file_through_transient_faults(hub, tmp_path, no_xet):
-    folder = small_final(tmp_path / "final")
+    folder = small_final(tmp_path / "out" / "final")
     hub.fail("POST", "/api/repos/create", 503)  # our retry
     hub.fail("POST", "/api/repos/create", "drop")
-    hub.fail("POST", "/commit/", 502)  # after the LFS upload: the whole push is tried again
-    # A roomy window: this test is about what is retried, not when retrying stops.
-    sha = upload.push_folder(folder, REPO_ID, resolved_for(tmp_path, hub.url, SANA_HUB_RETRY_WINDOW_S="20"))
+    hub.fail("POST", "/commit/", 502)  # after the LFS upload: the whole job is tried again
+    unsent, uploader = push_final(tmp_path, resolved_for(tmp_path, hub.url, SANA_HUB_RETRY_WINDOW_S="20"))
+    assert unsent == []
     repo = hub.repos[("model", REPO_ID)]
-    assert repo.files == files_of(folder) and sha == repo.sha and len(repo.commits) == 1
+    assert repo.files == files_of(folder) and uploader.last_commit == repo.sha and len(repo.commits) == 1
     assert hub.hits("PUT", "/lfs-objects/") == 1  # the weights went through LFS once, not again on the retry
-    assert hub.hits("POST", "/api/repos/create") == 4 and hub.hits("POST", "/commit/") == 2
+    assert hub.hits("POST", "/api/repos/create") == 3 and hub.hits("POST", "/commit/") == 2
 
 
 def test_upload_403_names_the_token_variable_and_repo_and_is_not_retried(hub, tmp_path, no_xet):
-    folder = small_final(tmp_path / "final")
+    small_final(tmp_path / "out" / "final")
     hub.write_tokens.clear()  # the token may read, not write
     resolved = resolved_for(tmp_path, hub.url, HF_TOKEN="", HUGGING_FACE_HUB_TOKEN=PLANTED_TOKEN)
-    with pytest.raises(AssetError) as err:
-        upload.push_folder(folder, REPO_ID, resolved)
-    message = err.value.message
-    assert err.value.exit_code == 3
-    assert "HUGGING_FACE_HUB_TOKEN may not write to acme/sana-ft (HTTP 403)" in message
-    assert "not with your token" not in message and PLANTED_TOKEN not in message
+    start = time.monotonic()
+    unsent, _ = push_final(tmp_path, resolved)
+    assert time.monotonic() - start < 5
+    assert len(unsent) == 1 and unsent[0].startswith("final: ")
+    assert "HUGGING_FACE_HUB_TOKEN may not write to acme/sana-ft (HTTP 403)" in unsent[0]
+    assert "not with your token" not in unsent[0] and PLANTED_TOKEN not in unsent[0]
     assert hub.hits("POST", "/api/repos/create") == 1
 
 
-def test_upload_500_says_the_hub_is_failing_after_the_window(hub, tmp_path, no_xet):
-    folder = small_final(tmp_path / "final")
+def test_upload_500_says_the_hub_is_failing_when_the_wait_ends(hub, tmp_path, no_xet):
+    small_final(tmp_path / "out" / "final")
     hub.fail("POST", "/api/repos/create", 500, times=1000)
     start = time.monotonic()
-    with pytest.raises(AssetError) as err:
-        upload.push_folder(folder, REPO_ID, resolved_for(tmp_path, hub.url))
-    assert time.monotonic() - start < WINDOW_S + 1.5
-    message = err.value.message
-    assert "HTTP 500" in message and "problem on the Hub's side, not with your token or config" in message
-    assert hub.hits("POST", "/api/repos/create") >= 4 and "start again with the same config" in message
+    unsent, _ = push_final(tmp_path, resolved_for(tmp_path, hub.url), wait_s=3)
+    assert time.monotonic() - start < 3 + 4
+    assert len(unsent) == 1 and "HTTP 500" in unsent[0]
+    assert "problem on the Hub's side, not with your token or config" in unsent[0] and "hub_upload_wait_s" in unsent[0]
+    assert hub.hits("POST", "/api/repos/create") >= 3  # tried again and again until the wait ended
 
 
 def test_upload_that_hangs_times_out_instead_of_hanging(hub, tmp_path, no_xet, short_timeouts):
-    folder = small_final(tmp_path / "final")
+    small_final(tmp_path / "out" / "final")
     hub.fail("POST", "/api/repos/create", "hang:30", times=1000)
     start = time.monotonic()
-    with pytest.raises(AssetError) as err:
-        upload.push_folder(folder, REPO_ID, resolved_for(tmp_path, hub.url))
-    assert time.monotonic() - start < WINDOW_S + 2.5  # without a timeout this call never returned
-    assert "did not answer in time" in err.value.message and "HF_HUB_DOWNLOAD_TIMEOUT" in err.value.message
+    unsent, _ = push_final(tmp_path, resolved_for(tmp_path, hub.url), wait_s=4)
+    assert time.monotonic() - start < 4 + 4  # the wait, and a hung request abandoned at close
+    assert hub.hits("POST", "/api/repos/create") >= 2  # without a timeout the first request never returned
+    assert "did not answer in time" in unsent[0] and "HF_HUB_DOWNLOAD_TIMEOUT" in unsent[0]
 
 
 def test_check_final_finds_missing_and_truncated_files(tmp_path):
@@ -243,7 +260,7 @@ def test_check_final_finds_missing_and_truncated_files(tmp_path):
 def hub_env(workspace: Path, output: Path, endpoint: str, **extra: str) -> dict[str, str]:
     settings = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "2",
                 "HF_HUB_DOWNLOAD_TIMEOUT": "2", "SANA_PUSH_TO_HUB": "true", "SANA_HUB_MODEL_ID": REPO_ID,
-                "SANA_HUB_RETRY_WINDOW_S": "2"}
+                "SANA_HUB_RETRY_WINDOW_S": "2", "SANA_HUB_UPLOAD_WAIT_S": "4"}
     return cli_env(workspace, output, **{**settings, **extra})
 
 
@@ -296,12 +313,12 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
     assert "without retraining or re-exporting" in result.stderr
     assert f"Hub: token of alice can write {REPO_ID} (will be created)" in result.stderr  # the push preflight
     repo = hub.repos[("model", REPO_ID)]
-    assert repo.files == files_of(output / "final")  # every exported file landed, byte for byte
+    assert final_on_hub(repo, output)  # every exported file landed, byte for byte
     assert untouched(output) == before  # nothing retrained, re-exported or re-recorded
     record = marker(output)
     assert record["step"] == 16
     assert record["upload"] == {"repo": REPO_ID, "endpoint": hub.url, "status": "uploaded", "commit": repo.sha}
-    assert f"pushed the final model to {REPO_ID} (commit {repo.sha})" in result.stderr
+    assert f"everything is on the Hub: {REPO_ID} (commit {repo.sha})" in result.stderr
     assert PLANTED_TOKEN not in result.stderr + result.stdout + json.dumps(record)
 
     # Started again: already uploaded there, so nothing to do and the Hub is not asked anything (not even
@@ -314,7 +331,7 @@ def test_push_switched_on_after_finishing_uploads_final_without_retraining(finis
 
 
 @pytest.mark.parametrize("fault", ["403", "dropped", "refused", "offline"])
-def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_copy, shared_workspace, hub, fault):
+def test_upload_failures_exit_3_or_6_with_advice_and_mark_the_upload_failed(finished_copy, shared_workspace, hub, fault):
     output = finished_copy
     endpoint = f"http://127.0.0.1:{closed_port()}" if fault == "refused" else hub.url
     extra = {"HF_HUB_OFFLINE": "1"} if fault == "offline" else {}
@@ -331,7 +348,8 @@ def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_
         assert "cannot upload while HF_HUB_OFFLINE is set" in result.stderr
         assert hub.requests == [] and marker(output) == before
         return
-    assert result.returncode == 3, result.stderr[-3000:]
+    # Refused: the push preflight fails (exit 3). Otherwise the preflight passed and the uploads did not: 6.
+    assert result.returncode == (3 if fault == "refused" else 6), result.stderr[-3000:]
     error = result.stderr.split("sana-appliance: error:")[-1]
     if fault == "refused":  # the Hub is unreachable from the start: the push preflight says so, the marker stays
         assert f"nothing accepts connections at {endpoint} (connection refused): check HF_ENDPOINT" in error
@@ -342,7 +360,7 @@ def test_upload_failures_exit_3_with_advice_and_mark_the_upload_failed(finished_
     assert f"Hub: token of alice can write {REPO_ID} (will be created)" in result.stderr
     expected = {"403": f"the token in HF_TOKEN may not write to {REPO_ID} (HTTP 403)",
                 "dropped": f"the connection to {hub.url} was cut before the answer was complete"}[fault]
-    assert expected in error and "without retraining" in error
+    assert expected in error and "without retraining" in error and "final: " in error
     assert PLANTED_TOKEN not in result.stderr + result.stdout
     record = marker(output)
     assert record["upload"]["status"] == "failed" and record["upload"]["repo"] == REPO_ID
@@ -357,7 +375,7 @@ def test_failed_upload_at_the_end_of_a_run_is_done_by_the_next_start(shared_work
                   SANA_VALIDATION_STEPS="0")
     hub.fail("POST", "/api/repos/create", 503, times=1000)  # the Hub is down when training ends
     failed = run_cli(env)
-    assert failed.returncode == 3, failed.stderr[-3000:]
+    assert failed.returncode == 6, failed.stderr[-3000:]
     assert "Traceback" not in failed.stderr + failed.stdout
     assert "HTTP 503" in failed.stderr and "problem on the Hub's side" in failed.stderr
     assert marker(output)["upload"]["status"] == "failed" and marker(output)["step"] == 2
@@ -370,14 +388,14 @@ def test_failed_upload_at_the_end_of_a_run_is_done_by_the_next_start(shared_work
     assert "without retraining or re-exporting" in again.stderr
     assert untouched(output) == before
     repo = hub.repos[("model", REPO_ID)]
-    assert repo.files == files_of(output / "final")
+    assert final_on_hub(repo, output)
     assert marker(output)["upload"] == {"repo": REPO_ID, "endpoint": hub.url, "status": "uploaded", "commit": repo.sha}
 
 
 def test_upload_killed_midway_sends_only_what_is_missing_on_restart(finished_copy, shared_workspace, hub):
     output = finished_copy
     env = hub_env(shared_workspace, output, hub.url, HF_HUB_DOWNLOAD_TIMEOUT="60")
-    hub.fail("POST", "/commit/", "hang:60")  # every LFS object is stored; the commit never answers
+    hub.fail("POST", "/commit/", "hang:60")  # the first job's LFS objects are stored; its commit never answers
     proc = start_cli(env)
     try:
         deadline = time.monotonic() + 120
@@ -390,15 +408,15 @@ def test_upload_killed_midway_sends_only_what_is_missing_on_restart(finished_cop
         if proc.poll() is None:
             proc.kill()
     assert marker(output)["upload"]["status"] == "pending"
-    stored = set(hub.lfs_objects)
-    assert stored and hub.repos[("model", REPO_ID)].commits == []
+    assert hub.lfs_objects and hub.repos[("model", REPO_ID)].commits == []
 
-    puts = hub.hits("PUT", "/lfs-objects/")
     result = run_cli(env)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert hub.hits("PUT", "/lfs-objects/") == puts  # nothing was sent twice
+    puts = [r.path for r in hub.requests if r.method == "PUT"]
+    assert len(puts) == len(set(puts))  # no object was sent twice
     repo = hub.repos[("model", REPO_ID)]
-    assert repo.files == files_of(output / "final") and len(repo.commits) == 1
+    assert final_on_hub(repo, output)
+    assert len(repo.commits) == 2  # the run's records, then final/: nothing committed twice
     assert marker(output)["upload"]["status"] == "uploaded"
 
 
@@ -414,5 +432,5 @@ def test_incomplete_export_is_redone_from_the_last_checkpoint_before_uploading(f
     assert "resumed from checkpoint-16" in result.stderr  # no training step was run again
     assert sorted(p.name for p in (output / "checkpoints").iterdir()) == checkpoints
     assert weights.read_bytes() == intact  # the same weights, exported again
-    assert hub.repos[("model", REPO_ID)].files == files_of(output / "final")
+    assert final_on_hub(hub.repos[("model", REPO_ID)], output)
     assert marker(output)["upload"]["status"] == "uploaded"

@@ -29,6 +29,7 @@ from .schema import (
     DATALOADER_ONLY_KEYS,
     IGNORED_SIMPLETUNER_KEYS,
     OPTIMIZER_ALIASES,
+    SIMPLETUNER_KEY_NAMES,
     TrainConfig,
     defaults,
     field_map,
@@ -262,6 +263,9 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
     where: dict[str, str] = {k: "default" for k in values}
 
     def apply(key: str, raw: Any, source: str) -> None:
+        if key in SIMPLETUNER_KEY_NAMES:
+            warnings.append(f"`{key}` (from {source}) is SimpleTuner's name for `{SIMPLETUNER_KEY_NAMES[key]}`")
+            key = SIMPLETUNER_KEY_NAMES[key]
         if key not in known:
             if key in IGNORED_SIMPLETUNER_KEYS:
                 warnings.append(

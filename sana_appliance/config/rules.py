@@ -104,10 +104,9 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
                 f"or set {pushes[0]}: false{also} and upload output/final yourself later")
         elif not cred.hf_token:
             say(pushes[0], "needs a Hugging Face write token in the HF_TOKEN environment variable")
-    if cfg["push_checkpoints_to_hub"]:  # refused rather than accepted and ignored
-        say("push_checkpoints_to_hub", "uploading checkpoints is not supported yet: they stay in "
-            "output_dir/checkpoints (copy that folder to keep them elsewhere); set push_checkpoints_to_hub: false "
-            "(push_to_hub uploads the final model)")
+    if cfg["push_checkpoints_to_hub"] and not cfg["push_to_hub"]:
+        say("push_checkpoints_to_hub", "needs push_to_hub: true (checkpoints go to the hub_model_id repo the final "
+            "model goes to)")
     for name in tracking.selected(cfg["report_to"]):
         problem = tracking.TRACKERS[name].problem(cred, hub)
         if problem:

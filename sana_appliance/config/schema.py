@@ -211,17 +211,35 @@ class TrainConfig:
     tracker_run_name: str | None = _opt(None, "Tracker run name (default: derived).")
     logging_steps: int = _opt(1, "Write a metrics.jsonl line every N steps.", minimum=1)
     push_to_hub: bool = _opt(
-        False, "Upload the final model to the Hugging Face Hub (needs HF_TOKEN and hub_model_id; refused with HF_HUB_OFFLINE)."
+        False, "Upload to the Hugging Face Hub in the background: the final model at the end, validation images and "
+        "metrics while training (needs HF_TOKEN and hub_model_id; refused with HF_HUB_OFFLINE)."
     )
     push_checkpoints_to_hub: bool = _opt(
-        False, "Upload each checkpoint to the Hub repo too. Not supported yet: `true` is refused (exit 2); "
-        "checkpoints stay in output_dir/checkpoints."
+        False, "Also upload every checkpoint (to checkpoints/<config hash>/<run id>/ in the repo, marker last), so a "
+        "new machine with an empty output_dir resumes from the Hub. Needs push_to_hub."
     )
     hub_model_id: str | None = _opt(None, "Hub repo to push to, e.g. `you/sana-finetune`.")
+    hub_private: bool = _opt(True, "Create the Hub repo private (an existing repo keeps its visibility).")
+    hub_keep_checkpoints: int | None = _opt(
+        None, "Checkpoints kept on the Hub (older ones are deleted there); default: checkpoints_total_limit.", minimum=1
+    )
+    hub_sync_interval_s: float = _opt(
+        600.0, "Seconds between uploads of validation images, metrics.jsonl and run.json while training (also sent "
+        "with each checkpoint when push_checkpoints_to_hub, and at the end). 0: only then.", minimum=0
+    )
+    hub_upload_wait_s: float = _opt(
+        1800.0, "At the end, seconds to wait for queued uploads before exiting 6 with the list of what is unsent "
+        "(the next start sends it).", minimum=0
+    )
+    hub_stop_upload_s: float = _opt(
+        20.0, "On SIGTERM, seconds (after the checkpoint is saved) given to queued uploads before exiting 143; keep "
+        "save time plus this under the stop grace (docker --stop-timeout).", minimum=0
+    )
     hub_retry_window_s: float = _opt(
         300.0,
-        "Seconds to keep retrying a Hub download or upload that fails transiently (connection refused, "
-        "DNS, timeout, HTTP 429/5xx) before exiting 3. 0 tries once.",
+        "Seconds to keep retrying a Hub download or the push access check that fails transiently (connection refused, "
+        "DNS, timeout, HTTP 429/5xx) before exiting 3. 0 tries once. Background uploads retry for as long as the run "
+        "lives, with backoff up to min(60, this/4) s.",
         minimum=0,
     )
 
@@ -248,6 +266,9 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool]:
 def defaults() -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
+
+# SimpleTuner keys that name one of ours: read as that key.
+SIMPLETUNER_KEY_NAMES: dict[str, str] = {"model_card_private": "hub_private"}
 
 # SimpleTuner keys that we accept but that have no effect here, with the reason.
 # A SimpleTuner config.json that sets them still loads; each is reported once.
@@ -276,8 +297,8 @@ IGNORED_SIMPLETUNER_KEYS: dict[str, str] = {
     "validation_preview": "validation previews are not streamed",
     "validation_preview_steps": "validation previews are not streamed",
     "webhook_config": "webhooks are not supported; use report_to",
-    "hub_private": "create the Hub repo yourself to choose its visibility",
     "model_card_note": "the model card is generated from the run",
+    "push_to_hub_background": "uploads always run in the background",
     "snr_gamma": "flow-matching loss is unweighted",
     "train_text_encoder": "the text encoder stays frozen (embeddings are cached)",
     "vae_dtype": "the VAE always encodes in fp32",

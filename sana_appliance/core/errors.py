@@ -15,6 +15,7 @@ class ExitCode(enum.IntEnum):
     ASSET = 3  # a model or dataset could not be fetched (auth, 404, network)
     DATA = 4  # the dataset is unusable, or the disk cannot hold the run
     DIVERGED = 5  # training produced non-finite values too many steps in a row
+    UNSENT = 6  # training finished, every output is local, but uploads to the Hub did not all complete
     SIGINT = 130  # stopped by SIGINT (after saving a checkpoint when training progressed)
     SIGTERM = 143  # stopped by SIGTERM (likewise)
 
@@ -58,6 +59,12 @@ class DivergedError(ApplianceError):
     """Training produced non-finite loss or gradients too many steps in a row."""
 
     exit_code = ExitCode.DIVERGED
+
+
+class UploadsUnsent(ApplianceError):
+    """The run finished, but the Hub did not receive everything queued for it (hub/upload.py)."""
+
+    exit_code = ExitCode.UNSENT
 
 
 class StopRequested(ApplianceError):

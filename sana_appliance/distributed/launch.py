@@ -39,11 +39,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(count: int, argv: Sequence[str], env: dict[str, str], inherit_fds: Sequence[int] = ()) -> int:
+def launch(count: int, argv: Sequence[str], env: dict[str, str], inherit_fds: Sequence[int] = (),
+           grace_s: float = 60.0) -> int:
     """Run `python -m sana_appliance ARGV` `count` times as one job; return the job's exit code.
 
     ``inherit_fds`` (the output folder's lock) stay open in every worker: the lock then holds
-    until the last process of the job is gone, even if the launcher itself is killed."""
+    until the last process of the job is gone, even if the launcher itself is killed. When one worker
+    fails or stops, the others get ``grace_s`` to finish (rank 0 may be saving and uploading) before they
+    are killed."""
     port = str(_free_port())
     workers = []
     for rank in range(count):
@@ -68,7 +71,7 @@ def launch(count: int, argv: Sequence[str], env: dict[str, str], inherit_fds: Se
                     codes[i] = w.returncode
                     if codes[i] != 0:
                         # A worker failed: give the others time to notice, then stop them.
-                        deadline = time.monotonic() + 60
+                        deadline = time.monotonic() + grace_s
                         for other in workers:
                             while other.poll() is None and time.monotonic() < deadline:
                                 time.sleep(0.2)
@@ -85,8 +88,8 @@ def launch(count: int, argv: Sequence[str], env: dict[str, str], inherit_fds: Se
     failed = [c for c in codes if c != 0]
     if not failed:
         return 0
-    # Prefer an appliance code (2-5, 130, 143) over a crash code (1, negative signals).
-    meaningful = [c for c in failed if c in (2, 3, 4, 5, 130, 143)]
+    # Prefer an appliance code (2-6, 130, 143) over a crash code (1, negative signals).
+    meaningful = [c for c in failed if c in (2, 3, 4, 5, 6, 130, 143)]
     return meaningful[0] if meaningful else (failed[0] if failed[0] > 0 else 1)
 
 

@@ -1,7 +1,8 @@
 """One rule for every call to the Hugging Face Hub: which failures are retried, for how long,
 and what a person is told when the Hub stays unreachable.
 
-Downloads (hub/download.py) and uploads (hub/upload.py) both go through `call_with_retries`. A failure is
+Downloads (hub/download.py), the push check (hub/access.py) and the resume from the Hub go through
+`call_with_retries`; the background uploads (hub/upload.py) classify with the same rule and back off the same way. A failure is
 classified by looking through the whole exception chain, because huggingface_hub wraps network
 errors and HTTP 5xx in other errors ("not in the local cache") and httpx2 raises its own
 ConnectError, which is neither OSError nor ConnectionError.
@@ -153,10 +154,10 @@ def endpoint_of(endpoint: str | None) -> str:
     return (endpoint or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def transient_advice(failure: Failure, endpoint: str | None) -> str:
-    """What to do when the Hub stayed unreachable for the whole retry window."""
+def transient_advice(failure: Failure, endpoint: str | None, window_key: str = "hub_retry_window_s") -> str:
+    """What to do when the Hub stayed unreachable for the whole retry window (the setting `window_key`)."""
     where = endpoint_of(endpoint)
-    wait_longer = "set hub_retry_window_s higher to keep retrying longer"
+    wait_longer = f"set {window_key} higher to keep retrying longer"
     if failure.kind == "server":
         return (f"the Hub at {where} kept failing (HTTP {failure.status}); this is a problem on the Hub's side, not "
                 f"with your token or config. Try again later (status: {STATUS_PAGE}), or {wait_longer}")

@@ -57,12 +57,22 @@ REAPPLIED_KEYS = {
 # Keys that do not affect what a checkpoint holds.
 NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "validation_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "report_to", "push_to_hub", "push_checkpoints_to_hub",
-                "hub_model_id", "hub_retry_window_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers")
+                "hub_model_id", "hub_retry_window_s", "hub_private", "hub_keep_checkpoints", "hub_sync_interval_s",
+                "hub_upload_wait_s", "hub_stop_upload_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers")
 
 
 def config_hash(config: dict) -> str:
     relevant = {k: v for k, v in config.items() if k not in NEUTRAL_KEYS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(config: dict, workspace_root: Path) -> str:
+    """The run's identity on the Hub: `config_hash` with paths under the workspace written relative to it, so the
+    same run on a machine that mounts its workspace elsewhere is still the same run."""
+    root = str(workspace_root).rstrip("/") + "/"
+    relative = {k: f"$WORKSPACE/{v[len(root):]}" if isinstance(v, str) and v.startswith(root) else v
+                for k, v in config.items()}
+    return config_hash(relative)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class TrainState:
     tracker_run_id: str | None = None  # the wandb run a resumed run continues
     eval_first: dict | None = None  # {"step", "value"}: the first run's starting eval loss
     resume_history: list[dict] = field(default_factory=list)  # each resume's step and changed settings
+    run_id: str | None = None  # when the run started at step 0 (UTC): names its checkpoints on the Hub
 
     # ------------------------------------------------------------ to a checkpoint
 
@@ -64,7 +65,8 @@ class TrainState:
                 "sampler": self.sampler.state_dict(batches_consumed=self.batches_consumed),
                 "config_hash": run_facts["config_hash"], "config": run_facts["config"],
                 "tracker_run_id": self.tracker_run_id, "nonfinite_total": self.nonfinite_total,
-                "model": run_facts["model"], "eval_loss_first": self.eval_first, "resume_history": self.resume_history}
+                "model": run_facts["model"], "eval_loss_first": self.eval_first, "resume_history": self.resume_history,
+                "run_id": self.run_id, "workspace": run_facts["workspace"]}
 
     # ------------------------------------------------------------ from a checkpoint
 
@@ -106,3 +108,4 @@ class TrainState:
         self.sampler.load_state_dict(progress["sampler"])
         self.tracker_run_id, self.nonfinite_total = progress.get("tracker_run_id"), progress.get("nonfinite_total", 0)
         self.eval_first = progress.get("eval_loss_first")
+        self.run_id = progress.get("run_id") or "run"  # checkpoints written before run ids existed

@@ -48,8 +48,10 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class Run:
-    def __init__(self, resolved: Resolved, stop: StopFlag):
+    def __init__(self, resolved: Resolved, stop: StopFlag, uploads=None):
         self.resolved = resolved
+        self.uploads = uploads  # hub/upload.py's background worker (rank 0 with push_to_hub), or None
+        self._progress_at = time.monotonic()  # when validation images and metrics last went into the upload queue
         self.cfg = resolved.config
         self.output_dir = Path(self.cfg.output_dir)
         self.ckpt_root = self.output_dir / "checkpoints"
@@ -99,12 +101,54 @@ class Run:
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
         generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
-        if self.is_main and checkpoints.starts_fresh(cfg.resume_from_checkpoint):
-            _set_aside_earlier_run(self.output_dir)
+        if self.is_main and cfg.push_checkpoints_to_hub and cfg.resume_from_checkpoint.lower() == "latest":
+            self._fetch_checkpoint_from_hub()
         self.accelerator.wait_for_everyone()
         self.resume_ref = self._choose_checkpoint()
         self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
         return generator
+
+    def _fetch_checkpoint_from_hub(self) -> None:
+        """An empty output (a new pod): download this run's newest complete checkpoint from the Hub, verified like a
+        local one, so `latest` resumes from it (and the Hub's metrics.jsonl of that run, so its history stays whole).
+        The run's identity is the config hash without neutral keys; its newest run id is taken."""
+        import shutil
+
+        from ..hub import upload
+
+        valid, _ = checkpoints.list_checkpoints(self.ckpt_root)
+        if valid:
+            return
+        config_hash = self._identity()
+        found = upload.find_remote_checkpoints(self.resolved, config_hash)
+        if not found:
+            log.info("no local checkpoint, and %s holds none of this run (config hash %s): training starts at step 0",
+                     self.cfg.hub_model_id, config_hash)
+            return
+        for remote in found:
+            tmp = self.ckpt_root / f".hub-checkpoint-{remote.step}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            log.info("no local checkpoint: downloading checkpoint-%d of this run from %s (config hash %s, run %s)",
+                     remote.step, self.cfg.hub_model_id, config_hash, remote.run_id)
+            folder = upload.download_checkpoint(self.resolved, config_hash, remote, tmp)
+            problems = checkpoints.verify(checkpoints.CheckpointRef(folder, remote.step))
+            if not problems:
+                os.replace(folder, self.ckpt_root / f"checkpoint-{remote.step}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.info("checkpoint-%d from the Hub is intact: resuming from it", remote.step)
+                if not (self.output_dir / "metrics.jsonl").exists() and \
+                        upload.download_records(self.resolved, remote.run_id, self.output_dir):
+                    log.info("metrics.jsonl of run %s downloaded from %s: its history continues", remote.run_id,
+                             self.cfg.hub_model_id)
+                return
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("checkpoint-%d on %s does not match its marker (%s): trying an older one", remote.step,
+                        self.cfg.hub_model_id, "; ".join(problems))
+        log.warning("no intact checkpoint of this run on %s: training starts at step 0", self.cfg.hub_model_id)
+
+    def _identity(self) -> str:
+        return checkpoints.run_identity(dataclasses.asdict(self.cfg), self.resolved.workspace.root)
 
     def _load_model_and_data(self) -> None:
         """The base model (downloaded or built once), the flow schedule, the data plan and eval samples."""
@@ -160,6 +204,8 @@ class Run:
         self.last_saved_step: int | None = None
         self.eval_logged: tuple[int, float | None] = (-1, None)  # (step, value) of the last eval loss logged
         self._resume()
+        if self.state.run_id is None:  # a run starting at step 0: its id names its checkpoints on the Hub
+            self.state.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.state.step,
                                       self.state.tracker_run_id, self.resolved.hub.wandb_mode, self.is_main)
 
@@ -217,7 +263,8 @@ class Run:
             mine, rngs = rngs[0], [None] * self.world
             torch.distributed.all_gather_object(rngs, mine)
         objects = state.objects(rngs)
-        progress = state.progress(world_size=self.world, config_hash=checkpoints.config_hash(dataclasses.asdict(self.cfg)),
+        progress = state.progress(world_size=self.world, config_hash=self._identity(),
+                                  workspace=str(self.resolved.workspace.root),
                                   config=self.resolved.redacted(), model=self.model_info)
         progress["tracker_run_id"] = self.tracker.run_id  # the tracker may have started one since the resume
         path = None
@@ -227,6 +274,9 @@ class Run:
             checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
             self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
             log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
+            if self.uploads is not None and self.cfg.push_checkpoints_to_hub:
+                self.uploads.add("checkpoint", step=state.step, config_hash=progress["config_hash"], run_id=state.run_id)
+                self._queue_progress()
         self.last_saved_step = state.step
         self.accelerator.wait_for_everyone()
         return path or self.ckpt_root / f"checkpoint-{state.step}"
@@ -276,7 +326,7 @@ class Run:
             ref = self.resume_ref = self._choose_checkpoint()
 
     def _apply_checkpoint(self, ref, tensors: dict, objects: dict, state: dict) -> None:
-        saved_config = state.get("config", {})
+        saved_config = _moved_workspace(state.get("config", {}), state.get("workspace"), self.resolved.workspace.root)
         errors, notes = checkpoints.compare_configs(saved_config, self.resolved.redacted())
         if state.get("world_size", 1) != self.world:
             log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
@@ -417,6 +467,9 @@ class Run:
                             mem=f"{metrics['peak_mem_gib']:.1f}G", refresh=False)
             if self.is_main and state.step % cfg.logging_steps == 0:
                 self.tracker.log(state.step, metrics)
+            if self.uploads is not None and cfg.hub_sync_interval_s and \
+                    time.monotonic() - self._progress_at >= cfg.hub_sync_interval_s:
+                self._queue_progress()
             if state.step % cfg.checkpointing_steps == 0 and state.step < self.max_steps:
                 self._save_checkpoint()
             if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < self.max_steps:
@@ -434,12 +487,43 @@ class Run:
         return self._vote
 
     def _stop_training(self) -> ApplianceError:
-        """Every rank, together: checkpoint unsaved progress; the StopRequested to raise."""
+        """Every rank, together: checkpoint unsaved progress; the queued uploads get hub_stop_upload_s; the
+        StopRequested to raise."""
         if self.step > (self.last_saved_step or 0):
             self._save_checkpoint()
-            return self.stop.error(f"at step {self.step} after saving checkpoint-{self.step}", self.step)
-        saved = f"checkpoint-{self.step} was already saved" if self.step else "no training step had run, nothing to save"
-        return self.stop.error(f"at step {self.step}; {saved}", self.step)
+            saved = f" after saving checkpoint-{self.step}"
+        else:
+            saved = f"; checkpoint-{self.step} was already saved" if self.step else "; no training step had run, nothing to save"
+        return self.stop.error(f"at step {self.step}{saved}{self._uploads_at_stop()}", self.step)
+
+    def _uploads_at_stop(self) -> str:
+        """Use the stop grace for the upload queue; what to say about it in the stop message."""
+        if self.uploads is None or not self.uploads.pending():
+            return ""
+        unsent = self.uploads.drain(self.cfg.hub_stop_upload_s, why="before stopping")
+        if not unsent:
+            return "; every queued upload reached the Hub"
+        return (f"; {len(unsent)} upload(s) not sent yet ({', '.join(u.split(':', 1)[0] for u in unsent)}): they stay "
+                f"queued in {self.uploads.queue_path} and the next start sends them")
+
+    def _queue_progress(self) -> None:
+        """Validation images, metrics.jsonl and a run.json of the run so far go into the upload queue."""
+        self._progress_at = time.monotonic()
+        if self.uploads is None:
+            return
+        self._write_run_json(status="training")
+        self.uploads.add("progress")
+
+    def _write_run_json(self, status: str) -> None:
+        datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
+        eval_loss = {"start": getattr(self, "eval_start", None), "start_step": (self.state.eval_first or {}).get("step"),
+                     "end": getattr(self, "eval_end", None) if status == "finished" else self.eval_logged[1],
+                     "end_step": self.step if status == "finished" else self.eval_logged[0]}
+        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
+                      timings=self.timings, extra={"status": status, "steps": self.step, "eval_loss": eval_loss,
+                                                   "run_id": self.state.run_id, "config_hash": self._identity(),
+                                                   "resume_history": self.state.resume_history, "caches": self.caches.stats,
+                                                   "skipped_steps": self.state.nonfinite_total})
 
     def _validation_round(self) -> bool:
         """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
@@ -500,10 +584,7 @@ class Run:
                                 parts=self.parts, card=card, sample_images=samples, check=self.stop.check)
         except Abandoned:
             raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
-        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
-                      timings=self.timings, extra={"steps": self.step, "eval_loss": self._eval_summary(),
-                                                   "resume_history": self.state.resume_history, "caches": self.caches.stats,
-                                                   "skipped_steps": self.state.nonfinite_total})
+        self._write_run_json(status="finished")
 
     def _eval_summary(self) -> dict:
         return {"start": self.eval_start, "start_step": self.state.eval_first["step"], "end": self.eval_end, "end_step": self.step}
@@ -516,8 +597,17 @@ class Run:
 
 # What a run writes into output_dir (set aside as a whole when a fresh run starts there).
 RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json",
-               "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER,
+               "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER, ".hub-uploads.json",
                *(spec.folder for spec in tracking.TRACKERS.values() if spec.folder))
+
+
+def _moved_workspace(config: dict, saved_root: str | None, root: Path) -> dict:
+    """A checkpoint's config with paths under the workspace it was written in moved to this run's workspace
+    (a checkpoint from the Hub, or a volume mounted elsewhere, names the same files)."""
+    if not saved_root or Path(saved_root) == root:
+        return config
+    old = saved_root.rstrip("/") + "/"
+    return {k: f"{root}/{v[len(old):]}" if isinstance(v, str) and v.startswith(old) else v for k, v in config.items()}
 
 
 def _set_aside_earlier_run(output_dir: Path) -> None:
@@ -550,22 +640,41 @@ def _dataset_summary(backend_id: str, samples: list) -> dict:
     return {"id": backend_id, "samples": len(samples), "fingerprint": digest.hexdigest()}
 
 
-UPLOAD_STOPPED = f"the upload is recorded as pending in {runinfo.COMPLETE_MARKER}: the next start uploads again (without training)"
+UPLOAD_STOPPED = (f"the upload is recorded as pending in {runinfo.COMPLETE_MARKER} and the queue is kept: the next start "
+                  "uploads again (without training)")
 
 
 def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
     """The whole job. `stop` is the installed StopFlag (the CLI installs it before the heavy imports)."""
     owned = stop is None
     stop = stop or StopFlag().install()
+    uploads = None
     try:
-        if not _finish_earlier_run(resolved, stop):
-            _train_and_publish(resolved, stop)
+        main = resolved.worker_rank in (None, 0)
+        if main and checkpoints.starts_fresh(resolved.config.resume_from_checkpoint):
+            # Before anything reads this output (the upload queue included): the earlier run moves aside whole.
+            _set_aside_earlier_run(Path(resolved.config.output_dir))
+        if resolved.config.push_to_hub and main:  # rank 0 owns every push
+            from ..hub.upload import Uploader
+
+            uploads = Uploader(resolved, Path(resolved.config.output_dir)).start()
+        elif main:
+            from ..hub.upload import QUEUE_FILE, queued
+
+            left = queued(Path(resolved.config.output_dir))
+            if left:
+                log.warning("push_to_hub is off: %d upload(s) queued by an earlier start (%s) are not sent; they stay in "
+                            "%s for a start with push_to_hub: true", len(left), ", ".join(left), QUEUE_FILE)
+        if not _finish_earlier_run(resolved, stop, uploads):
+            _train_and_publish(resolved, stop, uploads)
     finally:
+        if uploads is not None:
+            uploads.close()
         if owned:
             stop.restore()
 
 
-def _finish_earlier_run(resolved: Resolved, stop: StopFlag) -> bool:
+def _finish_earlier_run(resolved: Resolved, stop: StopFlag, uploads) -> bool:
     """True when this output already holds the finished job: nothing to do, or only its upload."""
     from ..hub import upload
 
@@ -592,16 +701,16 @@ def _finish_earlier_run(resolved: Resolved, stop: StopFlag) -> bool:
         log.warning("this run finished at step %d but its export is incomplete (%s): exporting it again from the "
                     "last checkpoint before uploading", done, "; ".join(problems))
         return False
-    if resolved.worker_rank in (None, 0):  # rank 0 uploads; other workers have nothing to do
-        log.info("this run already finished at step %d; uploading %s without retraining or re-exporting",
-                 done, output_dir / "final")
+    if uploads is not None:  # rank 0 uploads; other workers have nothing to do
+        log.info("this run already finished at step %d; uploading what the Hub lacks without retraining or "
+                 "re-exporting", done)
         with stop.immediate("the Hub upload", UPLOAD_STOPPED):
-            _publish(resolved, output_dir, done)
+            _publish(resolved, output_dir, done, uploads)
     return True
 
 
-def _train_and_publish(resolved: Resolved, stop: StopFlag) -> None:
-    run = Run(resolved, stop)
+def _train_and_publish(resolved: Resolved, stop: StopFlag, uploads) -> None:
+    run = Run(resolved, stop, uploads)
     try:
         # Nothing to save until training starts; caching runs deferred inside (it checks per batch).
         with stop.immediate("setup (download, model load, dataset scan)", "nothing to save yet"):
@@ -609,9 +718,11 @@ def _train_and_publish(resolved: Resolved, stop: StopFlag) -> None:
         run.train()
         run.finish()
         run.close()  # trackers flushed before the upload, which a signal may end abruptly
-        if run.is_main:
+        if uploads is not None:
             with stop.immediate("the Hub upload", UPLOAD_STOPPED):
-                _publish(resolved, run.output_dir, run.step)
+                _publish(resolved, run.output_dir, run.step, uploads)
+        elif run.is_main:
+            runinfo.mark_complete(run.output_dir, resolved.config, run.step)
     except ApplianceError:
         raise
     except Exception as exc:
@@ -625,20 +736,24 @@ def _train_and_publish(resolved: Resolved, stop: StopFlag) -> None:
         run.close()
 
 
-def _publish(resolved: Resolved, output_dir: Path, step: int) -> None:
-    """Mark the run complete, then push final/ when push_to_hub asks. The marker says `pending` while
-    the upload runs and `failed` (exit 3) when it gives up, so the next start uploads without retraining."""
-    from ..core.errors import AssetError
+def _publish(resolved: Resolved, output_dir: Path, step: int, uploads) -> None:
+    """Mark the run complete, queue the run's records and final/, and wait for the queue (hub_upload_wait_s).
+    The marker says `pending` while the queue drains, `uploaded` when all of it is on the Hub, and `failed`
+    (exit 6, with the list of what is unsent) otherwise, so the next start uploads without retraining."""
+    cfg = resolved.config
     from ..hub import upload
 
-    cfg = resolved.config
-    if not cfg.push_to_hub:
-        runinfo.mark_complete(output_dir, cfg, step)
-        return
     runinfo.mark_complete(output_dir, cfg, step, upload=upload.pending(resolved))
-    try:
-        pushed = upload.publish(resolved, output_dir)
-    except AssetError as exc:
-        runinfo.mark_complete(output_dir, cfg, step, upload=upload.failed(resolved, exc))
-        raise
-    runinfo.mark_complete(output_dir, cfg, step, upload=pushed)
+    uploads.add("progress")
+    uploads.add("final")
+    log.info("uploading to the Hub repo %s at %s: %s", cfg.hub_model_id, upload.hub_endpoint(resolved),
+             ", ".join(uploads.pending()))
+    unsent = uploads.drain(cfg.hub_upload_wait_s, why="at the end of the run")
+    if unsent:
+        error = uploads.unsent_error(unsent, waited_s=cfg.hub_upload_wait_s)
+        record = {**upload.failed(resolved, unsent[0].split(": ", 1)[-1]), "unsent": [u.split(":", 1)[0] for u in unsent]}
+        runinfo.mark_complete(output_dir, cfg, step, upload=record)
+        raise error
+    runinfo.mark_complete(output_dir, cfg, step, upload={**upload.pending(resolved), "status": "uploaded",
+                                                         "commit": uploads.last_commit})
+    log.info("everything is on the Hub: %s (commit %s)", cfg.hub_model_id, uploads.last_commit or "unchanged")
