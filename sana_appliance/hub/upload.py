@@ -332,7 +332,11 @@ class Uploader:
                     self._again.add(job["id"])
             else:
                 self._jobs.append(job)
-                self._save()
+                try:
+                    self._save()
+                except OSError as exc:  # e.g. a full disk: the job still goes up from memory; a restart may not know it
+                    log.warning("Hub uploads: could not record %s in %s (%s); it is sent from memory", job["id"],
+                                self.queue_path, exc.strerror or exc)
             self._cond.notify_all()
 
     def pending(self) -> list[str]:
