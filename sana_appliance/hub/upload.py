@@ -59,7 +59,9 @@ def hub_endpoint(resolved) -> str:
     return hubretry.endpoint_of(resolved.hub.endpoint)
 
 
-_endpoint = hub_endpoint
+def _hub_kwargs(resolved) -> dict:
+    # token False, not None: None would let huggingface_hub fall back to a token saved on disk.
+    return {"endpoint": hub_endpoint(resolved), "token": resolved.credentials.hf_token or False}
 
 
 def is_done(resolved, record: dict | None) -> bool:
@@ -67,7 +69,7 @@ def is_done(resolved, record: dict | None) -> bool:
     if not isinstance(record, dict):  # null (push_to_hub was off) or a marker edited by hand
         return False
     return record.get("status") == "uploaded" and record.get("repo") == resolved.config.hub_model_id \
-        and record.get("endpoint") == _endpoint(resolved)
+        and record.get("endpoint") == hub_endpoint(resolved)
 
 
 def wanted(resolved, record: dict | None) -> bool:
@@ -76,7 +78,7 @@ def wanted(resolved, record: dict | None) -> bool:
 
 
 def pending(resolved) -> dict:
-    return {"repo": resolved.config.hub_model_id, "endpoint": _endpoint(resolved), "status": "pending"}
+    return {"repo": resolved.config.hub_model_id, "endpoint": hub_endpoint(resolved), "status": "pending"}
 
 
 def failed(resolved, error: str) -> dict:
@@ -249,8 +251,7 @@ class _Superseded(Exception):
 def _api(resolved):
     from huggingface_hub import HfApi
 
-    # False, not None: None would let huggingface_hub fall back to a token saved on disk.
-    return HfApi(endpoint=_endpoint(resolved), token=resolved.credentials.hf_token or False, library_name=LIBRARY_NAME)
+    return HfApi(**_hub_kwargs(resolved), library_name=LIBRARY_NAME)
 
 
 def remote_files(api, repo_id: str, prefix: str) -> dict:
@@ -269,7 +270,7 @@ def _auth_message(failure: hubretry.Failure, resolved) -> str:
     token = hubretry.token_name(resolved.credentials.hf_token_source)
     repo_id = resolved.config.hub_model_id
     if failure.status == 401:
-        return (f"{_endpoint(resolved)} no longer accepts the token in {token} (HTTP 401: invalid, expired or revoked). "
+        return (f"{hub_endpoint(resolved)} no longer accepts the token in {token} (HTTP 401: invalid, expired or revoked). "
                 f"Set {token} to a write token from https://huggingface.co/settings/tokens")
     return (f"the token in {token} may not write to {repo_id} (HTTP {failure.status or 403}); use a token with write "
             f"access to {repo_id}, or set hub_model_id to a repo that token can write to")
@@ -651,7 +652,7 @@ def download_checkpoint(resolved, config_hash: str, remote: RemoteCheckpoint, de
     files = call(lambda: sorted(remote_files(api, repo_id, prefix)), f"list {prefix} in {repo_id}", resolved)
     for name in files:
         call(lambda name=name: hf_hub_download(repo_id, name, revision=remote.commit, local_dir=str(dest),
-                                               endpoint=_endpoint(resolved), token=resolved.credentials.hf_token or False),
+                                               **_hub_kwargs(resolved)),
              f"download {name} from {repo_id}", resolved)
     return dest / prefix
 
@@ -663,7 +664,7 @@ def download_records(resolved, run_id: str, dest: Path) -> bool:
     from huggingface_hub.errors import EntryNotFoundError
 
     repo_id = resolved.config.hub_model_id
-    kwargs = {"endpoint": _endpoint(resolved), "token": resolved.credentials.hf_token or False}
+    kwargs = _hub_kwargs(resolved)
 
     def fetch(name: str) -> bytes | None:
         import tempfile

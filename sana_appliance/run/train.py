@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -514,12 +515,18 @@ class Run:
         self._write_run_json(status="training")
         self.uploads.add("progress")
 
+    @functools.cached_property
+    def datasets(self) -> list[dict]:
+        """Per dataset: sample count and fingerprint (the plan does not change during a run)."""
+        return [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
+
     def _write_run_json(self, status: str) -> None:
-        datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
-        eval_loss = {"start": getattr(self, "eval_start", None), "start_step": (self.state.eval_first or {}).get("step"),
-                     "end": getattr(self, "eval_end", None) if status == "finished" else self.eval_logged[1],
-                     "end_step": self.step if status == "finished" else self.eval_logged[0]}
-        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=datasets,
+        if status == "finished":
+            eval_loss = self._eval_summary()
+        else:  # the last eval loss measured so far
+            eval_loss = {"start": self.eval_start, "start_step": self.state.eval_first["step"],
+                         "end": self.eval_logged[1], "end_step": self.eval_logged[0]}
+        runinfo.write(self.output_dir / "run.json", resolved=self.resolved, model_info=self.model_info, datasets=self.datasets,
                       timings=self.timings, extra={"status": status, "steps": self.step, "eval_loss": eval_loss,
                                                    "run_id": self.state.run_id, "config_hash": self._identity(),
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
@@ -572,7 +579,7 @@ class Run:
         log.info("held-out eval loss: %.5f at step %d (start) -> %.5f at step %d", self.eval_start, self.state.eval_first["step"],
                  self.eval_end, self.step)
         config = self.resolved.redacted()
-        datasets = [_dataset_summary(b.id, [s for s in self.plan.samples if s.backend_id == b.id]) for b in self.plan.backends]
+        datasets = self.datasets
         samples = validation.latest_images(self.output_dir / "validation")
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
