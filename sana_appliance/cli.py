@@ -160,9 +160,15 @@ def _check_hub_access(resolved: Resolved) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("APPLIANCE_LAUNCHER_PID") and os.environ.get("RANK"):
+        from .distributed.launch import bind_to_parent
+
+        bind_to_parent()  # a worker of the appliance's launcher dies with it, even on kill -9
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     for name in ("httpx", "httpx2", "httpcore"):  # one line per HTTP request would bury the run's own lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes on CPU says at import that an optional accelerated kernel package is absent: nothing to act on.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args, cli = parse_args(argv)
         if args.verb == "presets":
@@ -177,17 +183,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb == "config":
             _print_config(resolved, args.json, warnings)
             return ExitCode.OK
-        if resolved.worker_rank is None:  # the launcher or a single process speaks; its workers stay quiet
+        topology = resolved.topology
+        if topology.role != "worker" or (topology.rank == 0 and not resolved.under_appliance_launcher):
+            # A single process, the appliance's launcher, or rank 0 under an outside launcher speaks.
             if resolved.demo_fallback:
                 print(DEMO_BANNER, file=sys.stderr, flush=True)
             for warning in warnings:
                 log.warning(warning)
             _log_config_summary(resolved)
-        # One run per output folder. The lock is held by the process that owns the job: a single
-        # process, the appliance's launcher, or rank 0 under an outside launcher (torchrun).
+        # One run per output folder. The lock is held by the process that owns the job on this machine: a
+        # single process, the appliance's launcher, or local rank 0 under an outside launcher (torchrun).
         lock = None
-        if resolved.worker_rank is None or (resolved.worker_rank == 0 and not resolved.under_appliance_launcher):
-            lock = runlock.acquire(Path(resolved.config.output_dir))
+        if topology.role in ("single", "agent"):
+            lock = runlock.acquire(Path(resolved.config.output_dir), node=topology.node_rank)
+        elif topology.local_rank == 0 and not resolved.under_appliance_launcher:
+            node = os.environ.get("GROUP_RANK", "")
+            lock = runlock.acquire(Path(resolved.config.output_dir),
+                                   node=int(node) if node.isdigit() else topology.rank // max(1, topology.local_world_size))
         try:
             pushes = resolved.config.push_to_hub or resolved.config.push_checkpoints_to_hub
             if lock is not None and pushes:  # once per job, before any download or training: may the token push?
@@ -199,14 +211,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         _check_hub_access(resolved)
                 finally:
                     check_stop.restore()
-            if resolved.worker_rank is None:
+            if topology.role == "agent":
                 from .distributed.launch import launch, process_count
 
-                count = process_count(resolved.config.num_processes)
-                if count > 1:
+                cfg = resolved.config
+                count = process_count(topology.nproc_per_node)
+                if count > 1 or topology.multi_node:
                     # Rank 0 may spend hub_stop_upload_s on the upload queue after a stop's checkpoint.
-                    grace = 60.0 + (resolved.config.hub_stop_upload_s if resolved.config.push_to_hub else 0.0)
-                    return launch(count, argv, dict(os.environ), inherit_fds=(lock.fd,), grace_s=grace)
+                    grace = 60.0 + (cfg.hub_stop_upload_s if cfg.push_to_hub else 0.0)
+                    return launch(topology, count, argv, grace_s=grace, max_restarts=cfg.max_restarts,
+                                  rendezvous_timeout_s=cfg.rendezvous_timeout_s,
+                                  exit_wait_s=300.0 + (cfg.hub_upload_wait_s if cfg.push_to_hub else 0.0))
             from .distributed.stopping import StopFlag
 
             # Installed before the heavy imports, so a stop at any moment exits 143/130 with a message.
@@ -230,4 +245,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sana-appliance: interrupted", file=sys.stderr)
         return ExitCode.SIGINT
+    except Exception as exc:
+        if not (os.environ.get("RANK") and os.environ.get("WORLD_SIZE")):
+            raise
+        from .distributed.group import is_peer_failure
+
+        if not is_peer_failure(exc):
+            raise
+        # A peer died or the group broke: one line, and the launcher restarts the group (max_restarts).
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"sana-appliance: error: rank {os.environ.get('RANK')} lost contact with the other training processes "
+              f"({type(exc).__name__}: {detail}); the launcher restarts the group from the last checkpoint "
+              "(max_restarts), or the job exits 7", file=sys.stderr)
+        return ExitCode.PEERS
 

@@ -59,6 +59,8 @@ def test_every_key_settable_from_env_and_typed(tmp_path):
             raw = want = f.metadata["choices"][-1]
         if f.name in ("ema_decay", "caption_dropout_probability", "adam_beta1", "adam_beta2"):
             raw, want = "0.5", 0.5
+        if f.name == "rendezvous_timeout_s":
+            raw, want = "30", 30.0
         special = {"base_model_precision": "no_change", "validation_resolution": "512x768", "resume_from_checkpoint": "none"}
         if f.name in special:
             raw = want = special[f.name]

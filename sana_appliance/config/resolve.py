@@ -19,6 +19,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.parsing import ParseError, is_none_word, is_true_word, to_bool, to_int, to_number
+from ..core.topology import Topology, detect
 from ..core.workspace import SECRET_NAME, Credentials, HubSettings, Workspace, redact
 from ..model import BUILTIN_MODEL
 from . import presets as presets_mod
@@ -66,8 +67,17 @@ class Resolved:
     warnings: tuple[str, ...] = ()
     env_file: Path | None = None  # SimpleTuner's config.env when one was read
     build: dict = field(default_factory=dict)  # git sha / image digest when the image knows them
-    worker_rank: int | None = None  # set inside a launched data-parallel worker (RANK)
-    under_appliance_launcher: bool = False  # the worker's launcher is ours (it holds the output lock)
+    topology: Topology = field(default_factory=lambda: Topology(role="single", source="default"))
+
+    @property
+    def worker_rank(self) -> int | None:
+        """This process's rank when a launcher started it as one worker of several; None otherwise."""
+        return self.topology.rank if self.topology.role == "worker" else None
+
+    @property
+    def under_appliance_launcher(self) -> bool:
+        """The worker's launcher is the appliance's (its agent holds the output lock)."""
+        return self.topology.role == "worker" and self.topology.launcher is not None and "appliance" in self.topology.launcher
 
     def __repr__(self) -> str:
         return f"Resolved(preset={self.preset!r}, config={self.redacted()!r}, provenance={self.provenance!r})"
@@ -184,6 +194,33 @@ def resolve(env: Mapping[str, str], cli: CliArgs = CliArgs(), presets_dir: Path 
     if problems:
         raise ConfigError(problems)
     return resolved
+
+
+def _topology(env: Mapping[str, str], values: dict[str, Any], where: dict[str, str], problems: list[str]) -> Topology:
+    """The job's shape from the launcher's and platform's variables; the launcher's settings honoured or refused."""
+    try:
+        topology = detect(env, values["num_processes"] if isinstance(values["num_processes"], int) else 1)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return Topology(role="single", source="invalid")
+    forced = (env.get("ACCELERATE_MIXED_PRECISION") or "").strip().lower()
+    if topology.launcher == "accelerate launch" and forced and forced != values["mixed_precision"]:
+        problems.append(
+            f"accelerate launch set mixed precision {forced!r} (its --mixed_precision, 'no' when the flag is not given) "
+            f"but this run's mixed_precision is {values['mixed_precision']!r} (from {where['mixed_precision']}): pass "
+            f"--mixed_precision {values['mixed_precision']} to accelerate launch, or set mixed_precision={forced}")
+    if topology.role == "worker" and not where["num_processes"].startswith("default") and values["num_processes"] not in (
+            0, topology.local_world_size):
+        problems.append(
+            f"num_processes={values['num_processes']} (from {where['num_processes']}) but {topology.launcher} started "
+            f"{topology.local_world_size} process(es) on this machine: the launcher decides under a launcher; unset "
+            "num_processes or launch that many")
+    if topology.restart and str(values["resume_from_checkpoint"]).strip().lower() in ("none", "false", ""):
+        # A group the launcher restarts after a crash continues the job it is part of.
+        values["resume_from_checkpoint"] = "latest"
+        where["resume_from_checkpoint"] = (f"restart {topology.restart} of the process group (resume_from_checkpoint="
+                                           "none applies to the job's first start only)")
+    return topology
 
 
 def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
@@ -371,6 +408,7 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
             f"DATALOADER_CONFIG={workspace_data}"
         )
 
+    topology = _topology(env, values, where, problems)
     resolved = Resolved(
         config=TrainConfig(**values),
         provenance=where,
@@ -381,8 +419,7 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
         credentials=credentials,
         hub=dataclasses.replace(hub, retry_window_s=float(values["hub_retry_window_s"])),
         warnings=tuple(warnings),
-        worker_rank=int(env["RANK"]) if env.get("RANK", "").isdigit() and env.get("WORLD_SIZE") else None,
-        under_appliance_launcher=bool(env.get("APPLIANCE_LAUNCHER_PID")),
+        topology=topology,
         build={"git_sha": env.get("APPLIANCE_GIT_SHA") or None, "image": env.get("APPLIANCE_IMAGE") or None,
                "image_digest": env.get("APPLIANCE_IMAGE_DIGEST") or None},
         env_file=env_file,

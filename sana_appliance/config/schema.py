@@ -167,8 +167,21 @@ class TrainConfig:
     num_processes: int = _opt(
         1,
         "Training processes on this machine (data parallel): 1, N, or 0 for one per visible GPU. "
-        "The appliance launches them itself.",
+        "The appliance launches them itself (torch's elastic agent); with several machines, set NUM_NODES, "
+        "NODE_RANK and MASTER_ADDR on each (README: More than one machine).",
         minimum=0,
+    )
+    max_restarts: int = _opt(
+        3,
+        "With the appliance's launcher: how many times a process that crashes or is killed makes the whole "
+        "group restart from the last checkpoint (a stop or an error with an exit code 2-6 is not restarted).",
+        minimum=0,
+    )
+    rendezvous_timeout_s: float = _opt(
+        600.0,
+        "How long the processes and machines of a job wait for each other to start before giving up (exit 7). "
+        "Also bounds how long a worker started with RANK/WORLD_SIZE waits for its rendezvous.",
+        minimum=1,
     )
 
     # --- EMA -------------------------------------------------------------------

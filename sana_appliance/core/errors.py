@@ -16,6 +16,7 @@ class ExitCode(enum.IntEnum):
     DATA = 4  # the dataset is unusable, or the disk cannot hold the run
     DIVERGED = 5  # training produced non-finite values too many steps in a row
     UNSENT = 6  # training finished, every output is local, but uploads to the Hub did not all complete
+    PEERS = 7  # a multi-process job lost a process or never met (rendezvous); restarted up to max_restarts first
     SIGINT = 130  # stopped by SIGINT (after saving a checkpoint when training progressed)
     SIGTERM = 143  # stopped by SIGTERM (likewise)
 
@@ -65,6 +66,21 @@ class UploadsUnsent(ApplianceError):
     """The run finished, but the Hub did not receive everything queued for it (hub/upload.py)."""
 
     exit_code = ExitCode.UNSENT
+
+
+class PeersLost(ApplianceError):
+    """The processes of a multi-process job could not meet, or one of them is gone (core/topology.py,
+    distributed/group.py): the launcher restarts the group; alone, the job exits 7."""
+
+    exit_code = ExitCode.PEERS
+
+
+class PeerError(ApplianceError):
+    """An error another rank of the job hit (distributed/group.py `World.agree`): every rank stops with its exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        self.exit_code = ExitCode(exit_code)
+        super().__init__(message)
 
 
 class StopRequested(ApplianceError):

@@ -124,11 +124,22 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
         flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2,
     )
     pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    # transformers writes weights only on global rank 0 of a process group; this folder is built once per disk,
+    # by whichever rank serves that disk (distributed/group.py), so this rank must write it.
+    text_encoder.should_save_on_this_rank = lambda is_main_process: is_main_process
     # Another machine sharing the cache may have won the rename: its folder is as good as ours.
-    with atomic_folder(dest, existing="keep", is_complete=lambda d: (d / "model_index.json").is_file()) as tmp:
+    with atomic_folder(dest, existing="keep", is_complete=_complete_pipeline) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        if not _complete_pipeline(tmp):
+            raise RuntimeError(f"building the built-in model wrote an incomplete folder {tmp}: a part has no weights")
         (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
             json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
+
+
+def _complete_pipeline(folder: Path) -> bool:
+    """model_index.json and weights in every part that has them (not merely the folder names)."""
+    return (folder / "model_index.json").is_file() and all(
+        any((folder / part).glob("*.safetensors")) for part in ("transformer", "vae", "text_encoder"))
 
 
 def builtin_model_path(cache_dir: Path) -> Path:
@@ -138,7 +149,7 @@ def builtin_model_path(cache_dir: Path) -> Path:
     dest = cache_dir / "models" / f"tiny-sana-{TINY_VERSION}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):  # one rank builds, the others wait and load
-        if not (dest / "model_index.json").is_file():
+        if not _complete_pipeline(dest):
             log.info("building the built-in tiny Sana at %s", dest)
             build_tiny_sana(dest)
     return dest

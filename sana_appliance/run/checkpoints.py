@@ -58,7 +58,8 @@ REAPPLIED_KEYS = {
 NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_train_epochs", "validation_steps",
                 "checkpointing_steps", "checkpoints_total_limit", "report_to", "push_to_hub", "push_checkpoints_to_hub",
                 "hub_model_id", "hub_retry_window_s", "hub_private", "hub_keep_checkpoints", "hub_sync_interval_s",
-                "hub_upload_wait_s", "hub_stop_upload_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers")
+                "hub_upload_wait_s", "hub_stop_upload_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers",
+                "num_processes", "max_restarts", "rendezvous_timeout_s")
 
 
 def config_hash(config: dict) -> str:

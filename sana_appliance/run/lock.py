@@ -34,9 +34,16 @@ class OutputLock:
             self._fd = -1
 
 
-def acquire(output_dir: Path) -> OutputLock:
-    """Lock `output_dir` for this process, or raise ConfigError naming the run that holds it."""
-    path = output_dir / LOCK_NAME
+def lock_name(node: int = 0) -> str:
+    """Machine 0 (and a job on one machine) holds LOCK_NAME; machine k of a multi-machine job sharing the
+    output folder holds its own, so the machines of one job do not lock each other out."""
+    return LOCK_NAME if node == 0 else f".sana-appliance.node{node}.lock"
+
+
+def acquire(output_dir: Path, node: int = 0) -> OutputLock:
+    """Lock `output_dir` for this process (machine `node` of its job), or raise ConfigError naming the run
+    that holds it."""
+    path = output_dir / lock_name(node)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -91,10 +91,13 @@ class TrainState:
                                                           completed_steps=int(objects["lr_scheduler"]["last_epoch"]))
         self.scaler.load_state_dict(objects["scaler"])
 
-    def load_progress(self, objects: dict, progress: dict, rank: int, *, new_seed: int | None) -> None:
+    def load_progress(self, objects: dict, progress: dict, *, new_seed: int | None) -> None:
         """Random streams, counters and the sampler position. ``new_seed``: the seed changed since the
-        checkpoint, so the loop's generator starts a fresh stream (still a function of seed, rank, step)."""
-        rng = objects.get(f"rng_rank{rank}") or objects.get("rng_rank0")
+        checkpoint, so the loop's generator starts a fresh stream (still a function of seed and step).
+
+        Every rank continues rank 0's streams: the loop's draws are made for the global batch on every rank
+        alike (each takes its slice), so a resume on another process count continues the same numbers."""
+        rng = objects["rng_rank0"]
         random.setstate(rng["python"])
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
@@ -104,7 +107,7 @@ class TrainState:
         if new_seed is None:
             self.generator.set_state(rng["generator"])
         else:
-            self.generator.manual_seed(new_seed + rank + 1_000_003 * self.step)
+            self.generator.manual_seed(new_seed + 1_000_003 * self.step)
         self.sampler.load_state_dict(progress["sampler"])
         self.tracker_run_id, self.nonfinite_total = progress.get("tracker_run_id"), progress.get("nonfinite_total", 0)
         self.eval_first = progress.get("eval_loss_first")

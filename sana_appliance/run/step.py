@@ -7,6 +7,9 @@ the loop's business (``Run.train``); nothing here logs or touches the disk.
 
 Random draws, in this order per micro-batch, all from ``state.generator``: caption dropout,
 sigmas, noise. The order is part of reproducibility (a resumed run continues the same stream).
+With several processes every rank holds the same generator and draws for the whole global
+batch (``world`` x the batch), then takes its own slice: N processes x batch B draw exactly
+what 1 process x batch N*B draws, and a resume on another process count continues the stream.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class StepSetup:
     weight_dtype: torch.dtype  # the trained weights' dtype
     empty: tuple[torch.Tensor, torch.Tensor]  # the empty caption's (embeds, mask), for caption dropout
     no_sync: Callable[[], Any] = contextlib.nullcontext  # skips the gradient all-reduce of a non-final micro-batch
+    rank: int = 0  # this process's slice of the global batch
+    world: int = 1  # processes, each with one slice
 
 
 def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas: torch.Tensor | None = None,
@@ -49,16 +54,19 @@ def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas:
         latents = batch["latents"].to(setup.device, torch.float32)
     embeds, mask = batch["embeds"], batch["mask"]
     n = latents.shape[0]
+    # Draws for the global batch; this rank's are rows [lo, hi). (Eval passes its own sigmas and one rank.)
+    world = setup.world if sigmas is None else 1
+    lo, hi = (setup.rank * n, (setup.rank + 1) * n) if world > 1 else (0, n)
     if dropout and cfg.caption_dropout_probability > 0:
-        drop = torch.rand(n, generator=generator) < cfg.caption_dropout_probability
+        drop = (torch.rand(n * world, generator=generator) < cfg.caption_dropout_probability)[lo:hi]
         if drop.any():
             empty_e, empty_m = setup.empty
             embeds, mask = embeds.clone(), mask.clone()
             embeds[drop], mask[drop] = empty_e.to(embeds.dtype), empty_m
     if sigmas is None:
         h, w = latents.shape[-2] * setup.parts.vae_scale_factor, latents.shape[-1] * setup.parts.vae_scale_factor
-        sigmas = setup.schedule.sample_sigmas(n, generator, setup.schedule.shift_for(h, w))
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(setup.device)
+        sigmas = setup.schedule.sample_sigmas(n * world, generator, setup.schedule.shift_for(h, w))[lo:hi]
+    noise = torch.randn((n * world, *latents.shape[1:]), generator=generator, dtype=torch.float32)[lo:hi].to(setup.device)
     sigmas = sigmas.to(setup.device)
     noisy, target = setup.schedule.noisy_and_target(latents, noise, sigmas)
     with torch.autocast(setup.device.type, dtype=setup.compute_dtype, enabled=setup.compute_dtype != torch.float32):

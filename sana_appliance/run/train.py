@@ -30,6 +30,7 @@ from ..config.schema import BUILTIN_DATASET
 from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError
 from ..data import precompute
 from ..data.precompute import CachedDataset
+from ..distributed import group
 from ..distributed.stopping import Abandoned, StopFlag, StopVote
 from ..model import parts as models
 from ..model.flow import FlowSchedule
@@ -49,8 +50,9 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 
 class Run:
-    def __init__(self, resolved: Resolved, stop: StopFlag, uploads=None):
+    def __init__(self, resolved: Resolved, stop: StopFlag, uploads=None, ranks: group.World | None = None):
         self.resolved = resolved
+        self.ranks = ranks or group.World()  # this rank's place in the job (joined by train() before the Run)
         self.uploads = uploads  # hub/upload.py's background worker (rank 0 with push_to_hub), or None
         self._progress_at = time.monotonic()  # when validation images and metrics last went into the upload queue
         self.cfg = resolved.config
@@ -74,8 +76,9 @@ class Run:
         self._build_state(generator)
 
     def _start_process(self) -> torch.Generator:
-        """Accelerator, rank discipline, seeds; the checkpoint to resume; the dataloader config checked.
-        Returns the loop's generator (seeded per rank)."""
+        """The process group and its disks, rank discipline, seeds; the checkpoint to resume; the dataloader
+        config checked. Returns the loop's generator (the same on every rank: each takes its slice of the global
+        batch's draws)."""
         from accelerate import Accelerator
 
         from ..model import optimizers
@@ -87,12 +90,21 @@ class Run:
         # Per-file "Loading weights" bars would bury the one progress bar a person reads.
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        topology = self.resolved.topology
+        # Mixed precision is the run's own (autocast in run/step.py); accelerate only wraps the model for DDP.
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         self.is_main = self.accelerator.is_main_process
         if not self.is_main:  # rank discipline: one process logs
             logging.getLogger("sana_appliance").setLevel(logging.WARNING)
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
+        if self.world > 1:
+            ranks = self.ranks
+            log.info("%d processes on %d machine(s), launched by %s; workspace %s: %s; output_dir %s: %s%s", self.world,
+                     ranks.nodes, ranks.launcher, self.resolved.workspace.root,
+                     "shared by the machines" if ranks.shared_workspace else "node-local (each machine has its own)",
+                     self.output_dir, "shared" if ranks.shared_output else "node-local",
+                     "" if topology.restart == 0 else f"; restart {topology.restart} of the group")
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
         self.weight_dtype = optimizers.weight_dtype(cfg)
         if torch.cuda.is_available():
@@ -101,12 +113,14 @@ class Run:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         torch.manual_seed(cfg.seed)
-        generator = torch.Generator("cpu").manual_seed(cfg.seed + self.accelerator.process_index)
-        if self.is_main and cfg.push_checkpoints_to_hub and cfg.resume_from_checkpoint.lower() == "latest":
-            self._fetch_checkpoint_from_hub()
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        if cfg.push_checkpoints_to_hub and cfg.resume_from_checkpoint.lower() == "latest":
+            # Rank 0 looks on the Hub; a Hub that cannot be reached stops every rank with its exit code.
+            self.ranks.agree(lambda: self._fetch_checkpoint_from_hub() if self.is_main else None)
         self.accelerator.wait_for_everyone()
         self.resume_ref = self._choose_checkpoint()
-        self._check_data_config()  # before any download: a missing or broken dataloader config fails in seconds
+        # Before any download: a missing or broken dataloader config fails in seconds (on every rank alike).
+        self.ranks.agree(self._check_data_config)
         return generator
 
     def _fetch_checkpoint_from_hub(self) -> None:
@@ -156,16 +170,17 @@ class Run:
         from ..data.plan import build_plan
 
         cfg = self.cfg
-        with self.accelerator.main_process_first():  # rank 0 downloads or builds; the others then find it cached
+        with self.ranks.fetchers_first():  # one rank per disk downloads or builds; the others then find it there
             model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
         identity = models.model_identity(self.model_info)
         self.parts = models.load_parts(model_path, identity, self.weight_dtype)
         self.schedule = FlowSchedule.from_config(cfg, self.parts.scheduler_config)
 
         per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
-        self.plan = build_plan(cfg.data_backend_config, self.resolved.workspace, size_multiple=self.parts.size_multiple,
-                               seed=cfg.seed, min_samples=per_step, hub=self.resolved.hub,
-                               credentials=self.resolved.credentials)
+        self.plan = self.ranks.agree(lambda: build_plan(
+            cfg.data_backend_config, self.resolved.workspace, size_multiple=self.parts.size_multiple, seed=cfg.seed,
+            min_samples=per_step, hub=self.resolved.hub, credentials=self.resolved.credentials))
+        self._check_same_plan()
         if self.is_main:
             self.plan.write_report(self.output_dir)
         if cfg.data_backend_config == BUILTIN_DATASET:
@@ -174,6 +189,19 @@ class Run:
             self.eval_samples = demo_eval_samples(self.resolved.workspace, size_multiple=self.parts.size_multiple, seed=cfg.seed)
         else:  # no held-out split in a user's data: a fixed subset, still a fixed measurement
             self.eval_samples = self.plan.samples[:EVAL_SAMPLES]
+
+    def _check_same_plan(self) -> None:
+        """Every rank must train on the same scanned data: machines whose disks hold different files are an error."""
+        if self.world == 1:
+            return
+        seen = self.ranks.gather((self.ranks.node, self.plan.fingerprint(), len(self.plan.samples)))
+        if len({fingerprint for _, fingerprint, _ in seen}) > 1:
+            by_node = {node: (fingerprint[:12], count) for node, fingerprint, count in seen}
+            raise DataError(
+                "the machines of this job scanned different datasets (" + "; ".join(
+                    f"machine {node}: {count} samples, fingerprint {fp}" for node, (fp, count) in sorted(by_node.items()))
+                + "): with node-local disks every machine needs the same files under the same paths; sync the dataset "
+                "folders (and captions) or put them on a shared volume")
 
     def _build_state(self, generator: torch.Generator) -> None:
         """The TrainState (weights on the device, sampler, optimizer, schedule, scaler, EMA), resumed
@@ -192,7 +220,15 @@ class Run:
         optimizer = optimizers.build_optimizer(cfg, [p for p in transformer.parameters() if p.requires_grad])
         lr_scheduler = optimizers.build_lr_scheduler(cfg, optimizer, self.max_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
-        ema = self._new_ema(transformer) if cfg.use_ema else None
+        # The EMA lives where it is used: rank 0 validates and exports with it, checkpoint writers save it.
+        keeps_ema = cfg.use_ema and (self.is_main or self.ranks.writes_checkpoints)
+        ema = self._new_ema(transformer) if keeps_ema else None
+        if self.world > 1:
+            import warnings
+
+            # DDP notes once per process that a conv weight's gradient layout differs from its bucket's: a
+            # performance hint about diffusers' depthwise convs, not a problem of the run.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.model = self.accelerator.prepare(transformer) if self.world > 1 else transformer
         self.state = TrainState(transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
                                 generator=generator, sampler=sampler, ema=ema)
@@ -200,13 +236,14 @@ class Run:
         bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
         n_params = sum(p.numel() for p in transformer.parameters())
         self.ckpt_bytes = checkpoints.estimate_bytes(n_params, torch.finfo(self.weight_dtype).bits // 8, bytes_per_param, cfg.use_ema)
-        checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes)
+        self.ranks.agree(lambda: checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes) if self.ranks.writes_checkpoints
+                         else None)
 
         self.last_saved_step: int | None = None
         self.eval_logged: tuple[int, float | None] = (-1, None)  # (step, value) of the last eval loss logged
         self._resume()
         if self.state.run_id is None:  # a run starting at step 0: its id names its checkpoints on the Hub
-            self.state.run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            self.state.run_id = self.ranks.broadcast(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.state.step,
                                       self.state.tracker_run_id, self.resolved.hub.wandb_mode, self.is_main)
 
@@ -243,8 +280,8 @@ class Run:
         try:
             with self.stop.deferred():
                 prepared = precompute.prepare(self.cfg, self.parts, self.plan, self.eval_samples, device=self.device,
-                                              compute_dtype=self.compute_dtype, rank=self.accelerator.process_index,
-                                              world=self.world, vote=self.vote)
+                                              compute_dtype=self.compute_dtype, rank=self.ranks.data_share[0],
+                                              world=self.ranks.data_share[1], vote=self.vote)
         except Abandoned:
             raise self.stop.error("while filling the caches: nothing to save (cache entries already written are "
                                   "complete and are reused by the next start)") from None
@@ -267,40 +304,65 @@ class Run:
         progress = state.progress(world_size=self.world, config_hash=self._identity(),
                                   workspace=str(self.resolved.workspace.root),
                                   config=self.resolved.redacted(), model=self.model_info)
-        progress["tracker_run_id"] = self.tracker.run_id  # the tracker may have started one since the resume
+        # The tracker may have started a run since the resume; rank 0's tracker is the one.
+        progress["tracker_run_id"] = self.ranks.broadcast(self.tracker.run_id)
         path = None
-        if self.is_main:  # weights are identical on every rank; rank 0 writes the folder
-            t0 = time.monotonic()
-            path = checkpoints.save(self.ckpt_root, state.step, tensors=state.tensors(), objects=objects, state=progress)
-            checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
+        # Weights are identical on every rank: one rank per output disk writes the folder (rank 0 on a shared
+        # disk, each machine's local rank 0 on node-local disks, so every machine can resume). A failed save
+        # (a full disk) stops every rank with the same error.
+        t0 = time.monotonic()
+        path = self.ranks.agree(lambda: self._write_checkpoint(progress, objects) if self.ranks.writes_checkpoints
+                                else None)
+        if path is not None:
             self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
-            log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
-            if self.uploads is not None and self.cfg.push_checkpoints_to_hub:
+            if self.is_main:
+                log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
+            if self.is_main and self.uploads is not None and self.cfg.push_checkpoints_to_hub:
                 self.uploads.add("checkpoint", step=state.step, config_hash=progress["config_hash"], run_id=state.run_id)
                 self._queue_progress()
         self.last_saved_step = state.step
         self.accelerator.wait_for_everyone()
         return path or self.ckpt_root / f"checkpoint-{state.step}"
 
-    def _choose_checkpoint(self) -> checkpoints.CheckpointRef | None:
-        """The checkpoint to resume from: rank 0 verifies (moving damaged ones aside), all ranks take its choice."""
-        if self.world == 1:
-            return checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
-        from accelerate.utils import broadcast_object_list
+    def _write_checkpoint(self, progress: dict, objects: dict) -> Path:
+        path = checkpoints.save(self.ckpt_root, self.state.step, tensors=self.state.tensors(), objects=objects,
+                                state=progress)
+        checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
+        return path
 
-        choice = None
-        if self.is_main:
+    def _choose_checkpoint(self) -> checkpoints.CheckpointRef | None:
+        """The checkpoint to resume from, the same step on every rank. Each checkpoint writer verifies its disk
+        (moving damaged ones aside); the newest step any of them holds wins, and a machine that lacks it (a new or
+        emptied node-local disk) receives it from one that has it."""
+        ranks, setting = self.ranks, self.cfg.resume_from_checkpoint
+        if self.world == 1:
+            return checkpoints.find_resume(setting, self.ckpt_root)
+        mine = None
+        if ranks.writes_checkpoints:
             try:
-                ref = checkpoints.find_resume(self.cfg.resume_from_checkpoint, self.ckpt_root)
-                choice = None if ref is None else ("ref", str(ref.path), ref.step)
+                ref = checkpoints.find_resume(setting, self.ckpt_root)
+                mine = None if ref is None else ("ref", ref.step, str(ref.path), ref.path.parent == self.ckpt_root)
             except ConfigError as exc:  # every rank must raise it, not wait for a choice
-                choice = ("error", exc.problems)
-        choice = broadcast_object_list([choice], from_process=0)[0]
-        if choice is None:
+                mine = ("error", exc.problems)
+        seen = ranks.gather((ranks.writes_checkpoints, mine))
+        for _, choice in seen:
+            if choice is not None and choice[0] == "error":
+                raise ConfigError(choice[1])
+        held = {rank: choice for rank, (_, choice) in enumerate(seen) if choice is not None}
+        if not held:
             return None
-        if choice[0] == "error":
-            raise ConfigError(choice[1])
-        return checkpoints.CheckpointRef(Path(choice[1]), choice[2])
+        step = max(choice[1] for choice in held.values())
+        source = min(rank for rank, choice in held.items() if choice[1] == step)
+        if not held[source][3]:  # an explicit folder outside the checkpoints folder: every machine names its own copy
+            return checkpoints.CheckpointRef(Path(held[source][2]), step)
+        lacking = {rank for rank, (writes, choice) in enumerate(seen) if writes and (choice is None or choice[1] != step)}
+        if lacking:
+            if self.is_main:
+                log.warning("checkpoint-%d is not on the disk of %d machine(s): sending it from rank %d", step,
+                            len(lacking), source)
+            ranks.send_folder(source, self.ckpt_root / f"checkpoint-{step}", lacking, self.ckpt_root)
+        ranks.barrier()
+        return checkpoints.CheckpointRef(self.ckpt_root / f"checkpoint-{step}", step)
 
     def _resume(self) -> None:
         """Load the chosen checkpoint; one that fails to load is moved aside and the next older one is tried."""
@@ -311,17 +373,17 @@ class Run:
                 loaded = checkpoints.load(ref)
             except checkpoints.CheckpointDamaged as exc:
                 loaded, problems = None, exc.problems
-            if self.world > 1:  # every rank must have loaded the same folder
-                bad = torch.tensor([0.0 if loaded else 1.0], device=self.device)
-                if float(self.accelerator.reduce(bad, reduction="sum")) > 0 and loaded:
-                    loaded, problems = None, ["it failed to load on another rank"]
-            if loaded:
+            # Every rank must have loaded the same step; the copy is moved aside only on the disks where it failed.
+            seen = self.ranks.gather((self.ranks.disk_of_output, loaded is not None, problems))
+            bad_disks = {disk for disk, ok, _ in seen if not ok}
+            if not bad_disks:
                 self._apply_checkpoint(ref, *loaded)
                 return
+            problems = problems or next(p for _, ok, p in seen if not ok)
             if self.cfg.resume_from_checkpoint.lower() != "latest":
                 raise ConfigError(f"resume_from_checkpoint={self.cfg.resume_from_checkpoint!r}: {ref.path} is damaged "
                                   f"({'; '.join(problems)}); use `latest` or another checkpoint")
-            if self.is_main:
+            if self.ranks.writes_checkpoints and self.ranks.disk_of_output in bad_disks and ref.path.is_dir():
                 checkpoints.quarantine(ref, problems)
             self.accelerator.wait_for_everyone()
             ref = self.resume_ref = self._choose_checkpoint()
@@ -329,8 +391,10 @@ class Run:
     def _apply_checkpoint(self, ref, tensors: dict, objects: dict, state: dict) -> None:
         saved_config = _moved_workspace(state.get("config", {}), state.get("workspace"), self.resolved.workspace.root)
         errors, notes = checkpoints.compare_configs(saved_config, self.resolved.redacted())
-        if state.get("world_size", 1) != self.world:
-            log.warning("checkpoint was written by %d processes, resuming with %d: data order will differ", state.get("world_size"), self.world)
+        saved_global = int((state.get("sampler") or {}).get("global_batch_size", 0))
+        if saved_global == self.cfg.train_batch_size * self.world:  # another split of the same global batch
+            errors = [e for e in errors if not e.startswith("train_batch_size:")]
+        errors.extend(self._global_batch_problems(state))
         before = state.get("model") or {}
         if models.weights_identity(before) != models.weights_identity(self.model_info):
             errors.append(f"the base model changed since the checkpoint ({models.weights_identity(before)} -> "
@@ -359,10 +423,27 @@ class Run:
                               "output_dir") from None
         self._restore_streams(ref, objects, state, saved_config)
 
+    def _global_batch_problems(self, state: dict) -> list[str]:
+        """A resume on another process count continues exactly when the global batch (train_batch_size x processes)
+        is the same; otherwise it is refused with the train_batch_size that keeps it."""
+        saved_world = int(state.get("world_size", 1))
+        saved_global = int((state.get("sampler") or {}).get("global_batch_size", 0)) or None
+        now_global = self.cfg.train_batch_size * self.world
+        if saved_world == self.world or saved_global is None or saved_global == now_global:
+            if saved_world != self.world:
+                log.info("resume: %d processes now, %d when the checkpoint was written; the global batch (%d) is the "
+                         "same, so data order and random draws continue exactly", self.world, saved_world, now_global)
+            return []
+        fix = (f"set train_batch_size={saved_global // self.world} to keep it" if saved_global % self.world == 0 else
+               f"use a process count that divides {saved_global}")
+        return [f"the checkpoint was trained with a global batch of {saved_global} ({saved_world} process(es) x "
+                f"train_batch_size {saved_global // saved_world}); {self.world} process(es) x train_batch_size "
+                f"{self.cfg.train_batch_size} would make it {now_global} and change the data order: {fix}"]
+
     def _restore_streams(self, ref, objects: dict, progress: dict, saved_config: dict) -> None:
         seed = self.cfg.seed
         new_seed = None if saved_config.get("seed", seed) == seed else seed
-        self.state.load_progress(objects, progress, self.accelerator.process_index, new_seed=new_seed)
+        self.state.load_progress(objects, progress, new_seed=new_seed)
         self.last_saved_step = self.state.step
         log.info("resumed from %s (step %d); next step's learning rate %.3g", ref.path.name, self.state.step,
                  self.state.lr_scheduler.get_last_lr()[0])
@@ -387,7 +468,7 @@ class Run:
         no_sync = (lambda: self.accelerator.no_sync(self.model)) if self.world > 1 else contextlib.nullcontext
         return StepSetup(cfg=self.cfg, model=self.model, parts=self.parts, schedule=self.schedule, device=self.device,
                          compute_dtype=self.compute_dtype, weight_dtype=self.weight_dtype, empty=self.empty,
-                         no_sync=no_sync)
+                         no_sync=no_sync, rank=self.ranks.rank, world=self.world)
 
     @torch.no_grad()
     def eval_loss(self) -> float:
@@ -396,7 +477,8 @@ class Run:
         count = min(EVAL_SAMPLES, len(dataset))
         generator = torch.Generator("cpu").manual_seed(1234)
         sigmas = torch.linspace(0.1, 0.9, count)
-        transformer, setup = self.state.transformer, self._step_setup()
+        transformer = self.state.transformer
+        setup = dataclasses.replace(self._step_setup(), model=transformer)  # the unwrapped model: rank 0 alone runs it
         was_training = transformer.training
         transformer.eval()
         total = 0.0
@@ -460,7 +542,12 @@ class Run:
                         f"training diverged: {consecutive_bad} consecutive steps with non-finite loss or gradients, last "
                         f"at step {state.step}. The last checkpoint is intact; lower learning_rate, use "
                         "mixed_precision=bf16, or raise max_nonfinite_steps.")
-            metrics = {"loss": float(out["loss"]), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
+            loss = out["loss"]
+            if self.world > 1 and state.step % cfg.logging_steps == 0:  # the global batch's loss: the mean over ranks
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss)
+                loss = loss / self.world
+            metrics = {"loss": float(loss), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
                        "samples_per_s": samples_per_step * steps_run / max(time.monotonic() - t_loop, 1e-9),
                        "skipped_steps": state.nonfinite_total, "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
             bar.update(1)
@@ -530,7 +617,9 @@ class Run:
                       timings=self.timings, extra={"status": status, "steps": self.step, "eval_loss": eval_loss,
                                                    "run_id": self.state.run_id, "config_hash": self._identity(),
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
-                                                   "skipped_steps": self.state.nonfinite_total})
+                                                   "skipped_steps": self.state.nonfinite_total,
+                                                   "distributed": {**self.ranks.summary(),
+                                                                   "world_size": self.world}})
 
     def _validation_round(self) -> bool:
         """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
@@ -657,23 +746,36 @@ def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
     stop = stop or StopFlag().install()
     uploads = None
     try:
-        main = resolved.worker_rank in (None, 0)
-        if main and checkpoints.starts_fresh(resolved.config.resume_from_checkpoint):
-            # Before anything reads this output (the upload queue included): the earlier run moves aside whole.
-            _set_aside_earlier_run(Path(resolved.config.output_dir))
-        if resolved.config.push_to_hub and main:  # rank 0 owns every push
+        cfg = resolved.config
+        output_dir = Path(cfg.output_dir)
+        with stop.immediate("the rendezvous with the other processes", "nothing to save yet"):
+            ranks = _join(resolved)
+        if checkpoints.starts_fresh(cfg.resume_from_checkpoint):
+            # Before anything reads this output (the upload queue included): the earlier run moves aside whole,
+            # on every output disk of the job.
+            if ranks.writes_checkpoints:
+                _set_aside_earlier_run(output_dir)
+            ranks.barrier()
+        if cfg.push_to_hub and ranks.is_main:  # rank 0 owns every push
             from ..hub.upload import Uploader
 
-            uploads = Uploader(resolved, Path(resolved.config.output_dir)).start()
-        elif main:
+            uploads = Uploader(resolved, output_dir).start()
+        elif ranks.is_main:
             from ..hub.upload import QUEUE_FILE, queued
 
-            left = queued(Path(resolved.config.output_dir))
+            left = queued(output_dir)
             if left:
                 log.warning("push_to_hub is off: %d upload(s) queued by an earlier start (%s) are not sent; they stay in "
                             "%s for a start with push_to_hub: true", len(left), ", ".join(left), QUEUE_FILE)
-        if not _finish_earlier_run(resolved, stop, uploads):
-            _train_and_publish(resolved, stop, uploads)
+        # Rank 0's output decides whether the job is already done, for every rank.
+        earlier = ranks.broadcast(_earlier_run(resolved) if ranks.is_main else None)
+        if earlier is None:
+            _train_and_publish(resolved, stop, uploads, ranks)
+        elif earlier[0] == "upload" and uploads is not None:  # rank 0 uploads; the other ranks have nothing to do
+            log.info("this run already finished at step %d; uploading what the Hub lacks without retraining or "
+                     "re-exporting", earlier[1])
+            with stop.immediate("the Hub upload", UPLOAD_STOPPED):
+                _publish(resolved, output_dir, earlier[1], uploads)
     finally:
         if uploads is not None:
             uploads.close()
@@ -681,15 +783,32 @@ def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
             stop.restore()
 
 
-def _finish_earlier_run(resolved: Resolved, stop: StopFlag, uploads) -> bool:
-    """True when this output already holds the finished job: nothing to do, or only its upload."""
+def _join(resolved: Resolved) -> group.World:
+    """This rank's process group and World (a World of one for a single process), the disks probed."""
+    from ..data.backends import load_data_config
+
+    topology, cfg = resolved.topology, resolved.config
+    if topology.role != "worker":
+        return group.World()
+    group.join(topology, torch.cuda.is_available(), cfg.rendezvous_timeout_s)
+    workspace = resolved.workspace
+    data_folders = [workspace.root, workspace.hf_home, workspace.cache_dir]
+    with contextlib.suppress(ApplianceError, OSError):  # a broken config is reported (on every rank) by the Run
+        backends, text = load_data_config(cfg.data_backend_config, workspace)
+        data_folders += [b.cache_dir_vae for b in backends] + [text.cache_dir]
+    return group.describe(topology, data_folders, Path(cfg.output_dir))
+
+
+def _earlier_run(resolved: Resolved) -> tuple[str, int] | None:
+    """What this output already holds: ("done", step) for a finished job with nothing to do, ("upload", step) for one
+    that only lacks its upload, None when there is training (or export) to do."""
     from ..hub import upload
 
     cfg = resolved.config
     output_dir = Path(cfg.output_dir)
     record = runinfo.completion_record(output_dir, cfg)
     if record is None:
-        return False
+        return None
     done = record["step"]
     if not upload.wanted(resolved, record.get("upload")):
         # A restarted container (RunPod/Vast restart policies) must not retrain or re-upload.
@@ -702,22 +821,17 @@ def _finish_earlier_run(resolved: Resolved, stop: StopFlag, uploads) -> bool:
         elif isinstance(pushed, dict):
             log.warning("final/ was not pushed to %s (%s); set push_to_hub=true to upload it", pushed.get("repo"),
                         pushed.get("status"))
-        return True
+        return ("done", done)
     problems = upload.end_problems(output_dir)
     if problems:
         log.warning("this run finished at step %d but its export is incomplete (%s): exporting it again from the "
                     "last checkpoint before uploading", done, "; ".join(problems))
-        return False
-    if uploads is not None:  # rank 0 uploads; other workers have nothing to do
-        log.info("this run already finished at step %d; uploading what the Hub lacks without retraining or "
-                 "re-exporting", done)
-        with stop.immediate("the Hub upload", UPLOAD_STOPPED):
-            _publish(resolved, output_dir, done, uploads)
-    return True
+        return None
+    return ("upload", done)
 
 
-def _train_and_publish(resolved: Resolved, stop: StopFlag, uploads) -> None:
-    run = Run(resolved, stop, uploads)
+def _train_and_publish(resolved: Resolved, stop: StopFlag, uploads, ranks: group.World) -> None:
+    run = Run(resolved, stop, uploads, ranks)
     try:
         # Nothing to save until training starts; caching runs deferred inside (it checks per batch).
         with stop.immediate("setup (download, model load, dataset scan)", "nothing to save yet"):
