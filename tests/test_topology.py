@@ -16,6 +16,14 @@ from sana_appliance.distributed.launch import job_exit_code
 def test_one_process_without_any_variable_trains_in_place():
     t = detect({}, 1)
     assert t.role == "single" and t.nnodes == 1
+    assert detect({"RANK": "3"}, 1).role == "single"  # a stray RANK without WORLD_SIZE changes nothing
+
+
+def test_deepspeed_local_size_and_an_unknown_local_count():
+    base = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1", "CROSS_RANK": "1"}
+    t = detect({**base, "LOCAL_SIZE": "2"}, 1)
+    assert (t.launcher, t.local_world_size, t.local_size_known, t.nnodes) == ("deepspeed", 2, True, 2)
+    assert detect(base, 1).local_size_known is False  # counted per machine once the group has met
 
 
 def test_several_processes_or_one_per_gpu_make_this_process_the_launcher():
@@ -34,7 +42,6 @@ def test_appliance_variables_describe_the_machines():
     ({"NUM_NODES": "2", "NODE_RANK": "0"}, "MASTER_ADDR"),
     ({"NUM_NODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h"}, "NODE_RANK=2 is not below NUM_NODES=2"),
     ({"NUM_NODES": "two", "NODE_RANK": "0", "MASTER_ADDR": "h"}, "NUM_NODES='two'"),
-    ({"RANK": "1"}, "WORLD_SIZE is not"),
     ({"RANK": "1", "WORLD_SIZE": "2"}, "MASTER_ADDR and MASTER_PORT are not"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "not below WORLD_SIZE"),
 ])

@@ -209,7 +209,8 @@ def _topology(env: Mapping[str, str], values: dict[str, Any], where: dict[str, s
             f"accelerate launch set mixed precision {forced!r} (its --mixed_precision, 'no' when the flag is not given) "
             f"but this run's mixed_precision is {values['mixed_precision']!r} (from {where['mixed_precision']}): pass "
             f"--mixed_precision {values['mixed_precision']} to accelerate launch, or set mixed_precision={forced}")
-    if topology.role == "worker" and not where["num_processes"].startswith("default") and values["num_processes"] not in (
+    if topology.role == "worker" and topology.local_size_known and not where["num_processes"].startswith("default") \
+            and values["num_processes"] not in (
             0, topology.local_world_size):
         problems.append(
             f"num_processes={values['num_processes']} (from {where['num_processes']}) but {topology.launcher} started "

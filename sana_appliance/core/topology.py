@@ -44,6 +44,7 @@ class Topology:
     local_rank: int = 0
     local_world_size: int = 1
     launcher: str | None = None  # who launched this worker
+    local_size_known: bool = True  # the launcher said how many processes this machine runs (else counted later)
     restart: int = 0  # how often the launcher restarted this group (APPLIANCE_GROUP_START, TORCHELASTIC_RESTART_COUNT)
 
     @property
@@ -123,7 +124,8 @@ def detect(env: Mapping[str, str], num_processes: int = 1) -> Topology:
         rank = _int(env, "RANK", problems)
         world = _int(env, "WORLD_SIZE", problems, minimum=1)
         local_rank = _int(env, "LOCAL_RANK", problems)
-        local_world = _int(env, "LOCAL_WORLD_SIZE", problems, minimum=1)
+        local_world = _int(env, "LOCAL_WORLD_SIZE", problems, minimum=1) or _int(env, "LOCAL_SIZE", problems, minimum=1)
+        local_known = local_world is not None
         if problems:
             raise ConfigError(problems)
         assert rank is not None and world is not None
@@ -146,10 +148,7 @@ def detect(env: Mapping[str, str], num_processes: int = 1) -> Topology:
                         local_rank=local_rank if local_rank is not None else rank % local_world,
                         local_world_size=local_world, launcher=launcher, master_addr=env.get("MASTER_ADDR") or None,
                         master_port=port, restart=_int(env, "APPLIANCE_GROUP_START", problems) or _int(env, "TORCHELASTIC_RESTART_COUNT", problems) or 0,
-                        nnodes=max(1, world // local_world))
-    if env.get("RANK", "").strip() and not env.get("NUM_NODES"):
-        raise ConfigError(f"RANK={env['RANK']} is set but WORLD_SIZE is not: a launcher sets both for its workers. Unset "
-                          "RANK, or start through a launcher (torchrun)")
+                        nnodes=max(1, world // local_world), local_size_known=local_known)
 
     # --- this process is the launcher, or alone
     nnodes = node_rank = gpus_per_node = None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from ..core.errors import ApplianceError, DataError, PeerError, PeersLost
+from ..core.errors import ApplianceError, ConfigError, DataError, PeerError, PeersLost
 from ..core.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,22 @@ def join(topology: Topology, use_cuda: bool, timeout_s: float) -> None:
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         return
     where = f"{topology.master_addr}:{topology.master_port}"
+    try:
+        _meet(topology, timeout_s, where, backend)
+    except PeersLost as exc:
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
+            # The launchers did meet; their workers cannot reach rank 0: the network between the machines, not a
+            # moment's absence. A restart would wait the same way, so this ends the job (exit 2).
+            raise ConfigError(f"{exc.message}. The launchers met at their rendezvous, so the machines reach each "
+                              "other there but not on the port rank 0's process opened: allow TCP between the "
+                              "machines on all ports, or set NODE_ADDR on each machine to an address the others "
+                              "reach") from None
+        raise
+
+
+def _meet(topology: Topology, timeout_s: float, where: str, backend: str) -> None:
+    import torch.distributed as dist
+
     if topology.rank != 0:
         _wait_until_reachable(topology, timeout_s, where)
     try:
@@ -177,18 +193,24 @@ class World:
         return box[0]
 
     def agree(self, work):
-        """Run `work()` on this rank; when it raises an ApplianceError on any rank, every rank raises one with the
-        same exit code (and the failing rank's message), instead of the others waiting in the next collective.
+        """Run `work()` on this rank; when it raises on any rank, every rank raises: the failing one its own error,
+        the others one with its exit code (7 for a crash) and message, instead of waiting in the next collective.
         `work` must not itself communicate with the other ranks."""
         try:
             result, failure = work(), None
-        except ApplianceError as exc:
+        except Exception as exc:  # noqa: BLE001 - every rank must hear of any failure, then it is raised as it was
             result, failure = None, exc
         if self.size == 1:
             if failure is not None:
                 raise failure
             return result
-        seen = self.gather(None if failure is None else (self.rank, self.node, int(failure.exit_code), failure.message))
+        if failure is None:
+            mine = None
+        elif isinstance(failure, ApplianceError):
+            mine = (self.rank, self.node, int(failure.exit_code), failure.message)
+        else:  # a crash: the others stop as having lost a peer; the launcher restarts the group
+            mine = (self.rank, self.node, int(PeersLost.exit_code), f"{type(failure).__name__}: {failure}")
+        seen = self.gather(mine)
         failed = [f for f in seen if f is not None]
         if failure is not None:
             raise failure
@@ -299,7 +321,7 @@ def describe(topology: Topology, data_folders: list[Path], output_dir: Path) -> 
     keys = world.gather(key)
     order = list(dict.fromkeys(keys))
     world.node, world.nodes = order.index(key), len(order)
-    if not os.environ.get("LOCAL_WORLD_SIZE"):  # e.g. deepspeed: count this machine's ranks
+    if not topology.local_size_known:  # the launcher did not say: count this machine's ranks
         mine = [rank for rank, k in enumerate(keys) if k == key]
         world.local_rank, world.local_size = mine.index(world.rank), len(mine)
     if world.nodes > 1:

@@ -750,6 +750,13 @@ def train(resolved: Resolved, stop: StopFlag | None = None) -> None:
         output_dir = Path(cfg.output_dir)
         with stop.immediate("the rendezvous with the other processes", "nothing to save yet"):
             ranks = _join(resolved)
+        restarted = max(ranks.gather(resolved.topology.restart))
+        if restarted and checkpoints.starts_fresh(cfg.resume_from_checkpoint):
+            # A machine that joins a restarting group (a replaced node) continues the job like the others.
+            log.info("resume_from_checkpoint=%s applies to the job's first start; this group is restarting: latest",
+                     cfg.resume_from_checkpoint)
+            resolved = dataclasses.replace(resolved, config=dataclasses.replace(cfg, resume_from_checkpoint="latest"))
+            cfg = resolved.config
         if checkpoints.starts_fresh(cfg.resume_from_checkpoint):
             # Before anything reads this output (the upload queue included): the earlier run moves aside whole,
             # on every output disk of the job.
