@@ -44,6 +44,21 @@ def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen:
 def shared_workspace(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("workspace")
 
+# The data-parallel runs (test_multinode, test_fsdp): 16 steps, a checkpoint every 4, no validation.
+STEPS = {"SANA_MAX_TRAIN_STEPS": "16", "SANA_CHECKPOINTING_STEPS": "4", "SANA_VALIDATION_STEPS": "0"}
+# Stated tolerance: 2 processes x batch 4 against 1 process x batch 8, final weights after 16 steps
+# (float32 on CPU; the all-reduce sums in another order). Measured: max |diff| about 1e-5.
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="session")
+def reference(shared_workspace, tmp_path_factory) -> Path:
+    """One process, batch 8 (the global batch of 2 x 4), 16 steps: what data parallel must equal."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    done = run_cli(cli_env(shared_workspace, out, **STEPS, SANA_TRAIN_BATCH_SIZE="8"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
 
 @pytest.fixture(scope="session")
 def demo_run(shared_workspace):

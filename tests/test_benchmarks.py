@@ -136,3 +136,16 @@ def test_hub_outage_benchmark_compares_rates_and_checks_the_hub(shared_workspace
     assert on["missing_on_hub"] == [] and results["everything_uploaded"]
     assert "uploads on during the outage: " in out and "the uploads-off rate" in out
     assert json.loads((tmp_path / "h.json").read_text())["slowdown_pct"] == pytest.approx(results["slowdown_pct"])
+
+
+def test_gpu_config_fsdp_units_are_the_memory_models():
+    """The FSDP memory model's unit sizes (README: Sharded training) are Sana 1.6B's: its largest
+    `_no_split_modules` unit and what the root module keeps."""
+    from diffusers import SanaTransformer2DModel
+
+    with torch.device("meta"):
+        model = SanaTransformer2DModel(**gpu.SANA_1600M)
+    names = set(model._no_split_modules)
+    units = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in names]
+    assert max(units) == gpu.SANA_1600M_BLOCK_PARAMETERS
+    assert gpu.SANA_1600M_PARAMETERS - sum(units) == gpu.SANA_1600M_ROOT_PARAMETERS

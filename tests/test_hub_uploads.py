@@ -50,12 +50,12 @@ def resolved_for(tmp_path: Path, endpoint: str, **env: str):
     return resolve({**base, **env})
 
 
-def save_checkpoint(output: Path, step: int, seed: int = 0) -> Path:
+def save_checkpoint(output: Path, step: int, seed: int = 0, sharded: Path | None = None) -> Path:
     g = torch.Generator().manual_seed(seed * 1000 + step)
     return checkpoints.save(output / "checkpoints", step,
                             tensors={"transformer": {"w": torch.randn(40_000, generator=g)}},  # 160 kB: LFS
                             objects={"optimizer": {"step": step}},
-                            state={"step": step, "config_hash": HASH})
+                            state={"step": step, "config_hash": HASH}, sharded=sharded)
 
 
 def local_files(folder: Path, prefix: str) -> dict[str, bytes]:
@@ -318,9 +318,19 @@ def test_a_stale_marker_is_removed_in_the_commit_that_replaces_its_files(hub, tm
     assert repo_under(hub, remote_prefix(8)) == local_files(new, remote_prefix(8))
 
 
-def test_download_checkpoint_gives_the_same_bytes_and_it_verifies(hub, tmp_path):
+@pytest.mark.parametrize("sharded", [False, True])
+def test_download_checkpoint_gives_the_same_bytes_and_it_verifies(hub, tmp_path, sharded):
+    """Every file the marker vouches for goes up and comes back: an FSDP checkpoint's `sharded/` folder too,
+    with DCP's hidden `.metadata`."""
     resolved = resolved_for(tmp_path, hub.url)
-    folder = save_checkpoint(tmp_path / "out", 8)
+    shards = None
+    if sharded:
+        shards = tmp_path / "out" / "checkpoints" / ".checkpoint-8.sharded.tmp"
+        shards.mkdir(parents=True)
+        (shards / ".metadata").write_bytes(b"dcp metadata")
+        (shards / "__0_0.distcp").write_bytes(bytes(range(256)) * 700)
+    folder = save_checkpoint(tmp_path / "out", 8, sharded=shards)
+    assert (folder / "sharded" / ".metadata").is_file() == sharded
     uploader = Uploader(resolved, tmp_path / "out").start()
     uploader.add("checkpoint", step=8, config_hash=HASH, run_id=RUN)
     assert drained(uploader) == []

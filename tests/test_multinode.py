@@ -18,25 +18,18 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli, start_cli
+from conftest import STEPS, TOLERANCE, cli_env, run_cli, start_cli
+from probes import sitecustomize
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
 from sana_appliance.run import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = {"SANA_MAX_TRAIN_STEPS": "16", "SANA_CHECKPOINTING_STEPS": "4", "SANA_VALIDATION_STEPS": "0"}
-# Stated tolerance: 2 processes x batch 4 against 1 process x batch 8, final weights after 16 steps
-# (float32 on CPU; the all-reduce sums in another order). Measured: max |diff| about 1e-5.
-TOLERANCE = 1e-4
 
 # Test-only probe, loaded into every worker through PYTHONPATH (no hook in the package): after setup each
 # rank records the step it starts training at, and after finishing a digest of the weights it holds.
-PROBE = """
-import importlib.abc, importlib.util, json, os, sys
-from pathlib import Path
-
-
+PROBE = sitecustomize("""
 def _patch(module):
     setup, finish = module.Run.setup, module.Run.finish
 
@@ -56,27 +49,7 @@ def _patch(module):
         record(self, digest=weights_digest(self.state.transformer.state_dict()), end_step=self.state.step)
 
     module.Run.setup, module.Run.finish = patched_setup, patched_finish
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "sana_appliance.run.train":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run_module = spec.loader.exec_module
-
-        def exec_module(module):
-            run_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if os.environ.get("RANK_PROBE_DIR"):
-    sys.meta_path.insert(0, _Finder())
-"""
+""", "RANK_PROBE_DIR")
 
 
 def free_port() -> int:
@@ -151,15 +124,6 @@ def probes(probe: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(shared_workspace, tmp_path_factory) -> Path:
-    """One process, batch 8 (the global batch of 2 x 4), 16 steps: what data parallel must equal."""
-    out = tmp_path_factory.mktemp("reference") / "out"
-    done = run_cli(cli_env(shared_workspace, out, **STEPS, SANA_TRAIN_BATCH_SIZE="8"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
 def second_disk(tmp_path_factory) -> Path:
     """Machine 1's own workspace: nothing in it, so that machine builds its model, dataset and caches itself."""
     return tmp_path_factory.mktemp("node1-disk")
@@ -195,7 +159,7 @@ def test_two_torchrun_agents_with_their_own_disks_match_one_process(shared_works
     assert max_diff(outs[main] / "transformer.safetensors", reference / "transformer.safetensors") < TOLERANCE
     run = json.loads((outs[main] / "run.json").read_text())
     assert run["distributed"] == {"world_size": 2, "nodes": 2, "processes_per_node": 1, "launcher": "torchrun",
-                                  "workspace_disk": "node-local", "output_disk": "node-local"}
+                                  "workspace_disk": "node-local", "output_disk": "node-local", "strategy": "ddp"}
     ranks = probes(tmp_path / "probe")
     assert ranks[0]["digest"] == ranks[1]["digest"]
 

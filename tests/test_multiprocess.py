@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from conftest import cli_env, run_cli, start_cli
+from probes import sitecustomize
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
@@ -26,11 +27,7 @@ from sana_appliance.run import lock as runlock
 # sana_appliance.run.train is imported, Run.finish is wrapped so that each rank, after finishing,
 # writes a digest of the weights IT holds. Only rank 0 writes outputs, so this is the one way
 # to see rank 1's weights.
-REPLICA_PROBE = """
-import importlib.abc, importlib.util, os, sys
-from pathlib import Path
-
-
+REPLICA_PROBE = sitecustomize("""
 def _patch(module):
     original = module.Run.finish
 
@@ -42,34 +39,16 @@ def _patch(module):
         out.write_text(weights_digest(self.state.transformer.state_dict()))
 
     module.Run.finish = finish
-
-
-class _Finder(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != "sana_appliance.run.train":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run_module = spec.loader.exec_module
-
-        def exec_module(module):
-            run_module(module)
-            _patch(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-if os.environ.get("REPLICA_PROBE_DIR"):
-    sys.meta_path.insert(0, _Finder())
-"""
+""", "REPLICA_PROBE_DIR")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for key in sorted(state):
         digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        tensor = state[key].detach()
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP: this rank's shard
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

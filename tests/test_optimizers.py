@@ -534,3 +534,24 @@ def test_ema_on_cuda_restores_bf16_weights_exactly():
     with ema.swapped_into(model):
         assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_documented_fsdp_memory_per_gpu_is_the_memory_models(tmp_path):
+    """README's per-GPU figures for FSDP on 8 GPUs (Sharded training) are optimizers.fsdp_bytes_per_gpu's for
+    Sana 1.6B, to 0.1 GiB, and FSDP's fixed memory is the data-parallel figure's fraction it claims."""
+    from sana_appliance.benchmarks import gpu
+    from sana_appliance.model.optimizers import fsdp_bytes_per_gpu
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Sharded training (FSDP)"):]
+    section = section[:section.index("\n## ")]
+    figures = {}
+    for ema in (True, False):
+        cfg = dataclasses.replace(TrainConfig(), use_ema=ema, optimizer="adamw", distributed_strategy="fsdp")
+        fixed, gathered = fsdp_bytes_per_gpu(cfg, gpu.SANA_1600M_PARAMETERS, 8, gpu.SANA_1600M_BLOCK_PARAMETERS,
+                                             gpu.SANA_1600M_ROOT_PARAMETERS)
+        figures[ema] = (round(fixed / 2**30, 1), round(gathered / 2**30, 1))
+    flat = " ".join(section.split())
+    assert f"**~{figures[True][0]} GiB fixed** with `use_ema`" in flat, figures
+    assert f"~{figures[False][0]} GiB without EMA" in flat, figures
+    assert f"~{figures[True][1]} GiB of gathered blocks" in flat, figures

@@ -62,6 +62,10 @@ SANA_1600M = dict(
     mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=False,
 )
 SANA_1600M_PARAMETERS = 1_604_462_752  # of SANA_1600M (tested); the memory model's count
+# FSDP units of SANA_1600M (tested): a SanaTransformerBlock, and what the root module keeps (embeddings,
+# caption projection, output layers).
+SANA_1600M_BLOCK_PARAMETERS = 77_920_640
+SANA_1600M_ROOT_PARAMETERS = 45_976_032
 SANA_1600M_INPUTS = {"latent_hw": 32, "text_tokens": 300}  # 1024px: 32x32 latents; 300 text tokens
 # A tiny config for checking this script's logic on CPU (--tiny).
 TINY = dict(

@@ -21,6 +21,7 @@ QUANTIZED_PRECISIONS = {
 }
 # Sana's DC-AE compresses 32x and the transformer's patch is 1: image sides are multiples of 32.
 SIZE_MULTIPLE = 32
+FSDP_OPTIMIZERS = ("adamw",)  # elementwise torch optimizers that step DTensor shards as they are
 
 
 def check_rules(key: str, value: Any) -> str | None:
@@ -81,6 +82,13 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
         )
     elif precision != "no_change":
         say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
+    if cfg["distributed_strategy"] == "fsdp":  # distributed/fsdp.py: fp32 master weights, sharded
+        if cfg["optimizer"] not in FSDP_OPTIMIZERS:
+            say("optimizer", "distributed_strategy=fsdp trains with fp32 master weights sharded across the GPUs and "
+                "torch AdamW stepping the shards: set optimizer: adamw (or distributed_strategy: ddp)")
+        if cfg["mixed_precision"] == "fp16":
+            say("mixed_precision", "distributed_strategy=fsdp does not support fp16 (its loss scaler's overflow check "
+                "is not agreed across shards): use mixed_precision: bf16")
     if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
         say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
     try:

@@ -171,6 +171,13 @@ class TrainConfig:
         "NODE_RANK and MASTER_ADDR on each (README: More than one machine).",
         minimum=0,
     )
+    distributed_strategy: str = _opt(
+        "ddp",
+        "With several processes: `ddp` (every GPU holds the whole model, optimizer state and EMA) or `fsdp` "
+        "(FSDP2: weights, gradients, AdamW state and EMA sharded across the GPUs, fp32 master weights, bf16 "
+        "compute; needs optimizer: adamw). A checkpoint resumes only with the strategy that wrote it.",
+        choices=("ddp", "fsdp"),
+    )
     max_restarts: int = _opt(
         3,
         "With the appliance's launcher: how many times a process that crashes or is killed makes the whole "

@@ -263,33 +263,7 @@ class World:
             except OSError as exc:
                 problem = f"{tmp}: {exc.strerror or exc}"
         for rel, _size in listing:
-            handle = open(folder / rel, "rb") if self.rank == src else None  # noqa: SIM115
-            out = None
-            if receiving and problem is None:
-                try:
-                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                    out = open(tmp / rel, "wb")  # noqa: SIM115
-                except OSError as exc:
-                    problem = f"{tmp / rel}: {exc.strerror or exc}"
-            try:
-                while True:
-                    chunk = handle.read(CHUNK) if handle is not None else None
-                    chunk = self.broadcast(chunk, src)
-                    if not chunk:
-                        break
-                    if out is not None and problem is None:
-                        try:
-                            out.write(chunk)
-                        except OSError as exc:
-                            problem = f"{tmp / rel}: {exc.strerror or exc}"
-            finally:
-                if handle is not None:
-                    handle.close()
-                if out is not None:
-                    with contextlib.suppress(OSError):
-                        out.flush()
-                        os.fsync(out.fileno())
-                    out.close()
+            problem = self._stream(src, folder / rel, tmp / rel if receiving else None, problem)
         if receiving and problem is None:
             try:
                 if folder.exists():
@@ -306,6 +280,60 @@ class World:
             raise DataError(f"the checkpoint could not be copied to every machine ({'; '.join(problems)}): free space "
                             "or fix the checkpoints folder on that machine, then start again")
 
+    def _stream(self, src: int, source: Path, dest: Path | None, problem: str | None) -> str | None:
+        """Send the file `source` of rank `src` in chunks to every rank; a rank with a `dest` (and no earlier
+        `problem`) writes it there and fsyncs it. Every rank takes part to the end, also after a write failed.
+        Returns the problem (the first one) of this rank."""
+        handle = open(source, "rb") if self.rank == src else None  # noqa: SIM115
+        out = None
+        if dest is not None and problem is None:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                out = open(dest, "wb")  # noqa: SIM115
+            except OSError as exc:
+                problem = f"{dest}: {exc.strerror or exc}"
+        try:
+            while True:
+                chunk = handle.read(CHUNK) if handle is not None else None
+                chunk = self.broadcast(chunk, src)
+                if not chunk:
+                    break
+                if out is not None and problem is None:
+                    try:
+                        out.write(chunk)
+                    except OSError as exc:
+                        problem = f"{dest}: {exc.strerror or exc}"
+        finally:
+            if handle is not None:
+                handle.close()
+            if out is not None:
+                with contextlib.suppress(OSError):
+                    out.flush()
+                    os.fsync(out.fileno())
+                out.close()
+        return problem
+
+    def share_files(self, folder: Path) -> None:
+        """Make `folder` on every output disk hold every file any checkpoint writer's copy holds (a sharded
+        checkpoint on node-local disks: each machine wrote its own ranks' shards). Files a writer lacks are sent
+        from the lowest rank that has them; a receiver that cannot write makes every rank raise DataError."""
+        mine = None
+        if self.writes_checkpoints:
+            mine = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        seen = self.gather(mine)
+        writers = {rank: set(files) for rank, files in enumerate(seen) if files is not None}
+        problem = None
+        for rel in sorted(set().union(*writers.values())):
+            src = min(rank for rank, files in writers.items() if rel in files)
+            if all(rel in files for files in writers.values()):
+                continue
+            receiving = self.writes_checkpoints and rel not in writers[self.rank]
+            problem = self._stream(src, folder / rel, folder / rel if receiving else None, problem)
+        problems = [p for p in self.gather(problem) if p]
+        if problems:
+            raise DataError(f"the sharded checkpoint could not be copied to every machine ({'; '.join(problems)}): "
+                            "free space in output_dir on that machine, then start again (the previous checkpoint is "
+                            "intact)")
 
 def describe(topology: Topology, data_folders: list[Path], output_dir: Path) -> World:
     """The World of this process: machines from the launcher's variables (or the host names), disks probed.

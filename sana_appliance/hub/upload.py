@@ -128,8 +128,16 @@ def _tree_files(root: Path, prefix: str) -> list[tuple[Path, str]]:
 
 
 def _checkpoint_files(output_dir: Path, job: dict) -> list[tuple[Path, str]]:
+    """Exactly the files the checkpoint's marker vouches for (a sharded checkpoint's `sharded/.metadata` too);
+    the whole folder but hidden files for a marker without a manifest."""
     folder = output_dir / CHECKPOINTS_DIR / f"checkpoint-{job['step']}"
     remote = f"{checkpoint_prefix(job['config_hash'], job['run_id'])}/checkpoint-{job['step']}/"
+    try:
+        listed = json.loads((folder / CHECKPOINT_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, dict):
+        return [(folder / name, remote + name) for name in sorted(listed)]
     return [(p, r) for p, r in _tree_files(folder, remote) if p.name != CHECKPOINT_MARKER]
 
 

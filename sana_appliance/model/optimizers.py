@@ -197,6 +197,18 @@ def fixed_bytes_per_param(cfg) -> float:
     return 2 * weight_bytes + optimizer_state_bytes_per_param(cfg) + (4.0 if cfg.use_ema else 0.0)
 
 
+
+def fsdp_bytes_per_gpu(cfg, parameters: int, world: int, largest_unit: int, root_unit: int) -> tuple[float, float]:
+    """FSDP's memory model per GPU (distributed/fsdp.py), in bytes: (fixed, gathered).
+
+    fixed: what each of ``world`` GPUs holds for the whole run, 1/world of the fp32 master weights, fp32
+    gradients, AdamW's two fp32 moments and (use_ema) the fp32 EMA: 16 or 20 B/param over world.
+    gathered: the transient full copies FSDP makes, estimated for the backward of the largest unit (its
+    bf16 weights and gradients, the gradients' fp32 copy for the reduce-scatter: 8 B/param), the next unit
+    prefetched (2 B/param) and the root unit's bf16 weights (2 B/param). Activations come on top."""
+    state = 4 + 4 + 8 + (4 if cfg.use_ema else 0)
+    return state * parameters / world, (2 + 2 + 4 + 2) * largest_unit + 2 * root_unit
+
 def build_optimizer(
     cfg,
     params: Iterable[torch.nn.Parameter],

@@ -37,8 +37,12 @@ MARKER_FORMAT = 2  # 1: {"step"} only; 2: + "files": {name: {"bytes", "xxh3_128"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_SUFFIX = ".damaged"
 STATE_FILE = "trainer_state.json"
+SHARDED = "sharded"  # torch.distributed.checkpoint shards (distributed_strategy: fsdp)
 # Keys whose change makes a checkpoint unusable (another model, another batch geometry).
-INCOMPATIBLE_KEYS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer")
+INCOMPATIBLE_KEYS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer",
+                     "distributed_strategy")
+# What a key missing from an older checkpoint's config meant (it was written before the key existed).
+OLD_DEFAULTS = {"distributed_strategy": "ddp"}
 # Keys baked into loaded state (optimizer param groups, LR schedule, random streams) that
 # the run re-applies from the current config after loading, and how each then applies.
 REAPPLIED_KEYS = {
@@ -63,7 +67,10 @@ NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_
 
 
 def config_hash(config: dict) -> str:
-    relevant = {k: v for k, v in config.items() if k not in NEUTRAL_KEYS}
+    # A key added later counts only when set away from what its absence meant: runs of older versions keep their
+    # hash (their Hub checkpoints and completion marker stay theirs).
+    relevant = {k: v for k, v in config.items()
+                if k not in NEUTRAL_KEYS and not (k in OLD_DEFAULTS and v == OLD_DEFAULTS[k])}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -118,8 +125,9 @@ def _digest(path: Path) -> str:
 
 
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
-    return {f.name: {"bytes": f.stat().st_size, "xxh3_128": _digest(f)}
-            for f in sorted(folder.iterdir()) if f.is_file() and f.name != MARKER}
+    """Every file under the folder (a sharded checkpoint's shards too), by path relative to it."""
+    return {f.relative_to(folder).as_posix(): {"bytes": f.stat().st_size, "xxh3_128": _digest(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.relative_to(folder).as_posix() != MARKER}
 
 
 def _structural_problems(path: Path) -> list[str]:
@@ -243,9 +251,11 @@ def save(
     tensors: dict[str, dict[str, torch.Tensor]],
     objects: dict[str, Any],
     state: dict[str, Any],
+    sharded: Path | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically. `tensors`: name -> state dict saved as safetensors;
-    `objects`: name -> picklable state (optimizer, RNG...); `state`: JSON trainer state."""
+    `objects`: name -> picklable state (optimizer, RNG...); `state`: JSON trainer state; `sharded`: a folder
+    of torch.distributed.checkpoint shards already written (beside the checkpoints), moved in as `sharded/`."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     try:
@@ -256,6 +266,8 @@ def save(
             for name, obj in objects.items():
                 torch.save(obj, tmp / f"{name}.pt")
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True, default=str))
+            if sharded is not None:
+                os.replace(sharded, tmp / SHARDED)
             fsync_tree(tmp)  # the files are durable before the marker that vouches for them
             # Digests are read back from the written files: the marker vouches for what is on disk.
             (tmp / MARKER).write_text(json.dumps({"step": step, "format": MARKER_FORMAT, "files": _manifest(tmp)}, indent=1))
@@ -302,7 +314,7 @@ def compare_configs(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     where it is used; only INCOMPATIBLE_KEYS cannot change under a checkpoint."""
     errors, notes = [], []
     for key in sorted(set(saved) | set(current)):
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, OLD_DEFAULTS.get(key)), current.get(key)
         if old == new or key in ("output_dir", "resume_from_checkpoint"):
             continue
         if key in INCOMPATIBLE_KEYS:

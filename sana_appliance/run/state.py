@@ -34,10 +34,13 @@ class TrainState:
     eval_first: dict | None = None  # {"step", "value"}: the first run's starting eval loss
     resume_history: list[dict] = field(default_factory=list)  # each resume's step and changed settings
     run_id: str | None = None  # when the run started at step 0 (UTC): names its checkpoints on the Hub
+    sharded: bool = False  # FSDP: weights, optimizer state and EMA are saved as DCP shards (distributed/fsdp.py)
 
     # ------------------------------------------------------------ to a checkpoint
 
     def tensors(self) -> dict:
+        if self.sharded:  # in the checkpoint's sharded/ folder (distributed.fsdp.save)
+            return {}
         tensors = {"transformer": self.transformer.state_dict()}
         if self.ema is not None:
             tensors["ema"] = {k: v for k, v in self.ema.state_dict().items() if torch.is_tensor(v)}
@@ -46,8 +49,10 @@ class TrainState:
     def objects(self, rngs: list[dict]) -> dict:
         """Optimizer, schedule position, scaler and every rank's random streams (``rngs``, by rank)."""
         # The schedule's only state is its step count: its rates come from the config (see load_training).
-        objects = {"optimizer": self.optimizer.state_dict(), "lr_scheduler": {"last_epoch": self.lr_scheduler.last_epoch},
+        objects = {"lr_scheduler": {"last_epoch": self.lr_scheduler.last_epoch},
                    "scaler": self.scaler.state_dict(), **{f"rng_rank{i}": r for i, r in enumerate(rngs)}}
+        if not self.sharded:
+            objects["optimizer"] = self.optimizer.state_dict()
         if self.ema is not None:
             objects["ema_meta"] = {k: v for k, v in self.ema.state_dict().items() if not torch.is_tensor(v)}
         return objects
@@ -70,9 +75,20 @@ class TrainState:
 
     # ------------------------------------------------------------ from a checkpoint
 
-    def load_weights(self, tensors: dict, objects: dict, make_ema) -> None:
+    def load_weights(self, tensors: dict, objects: dict, make_ema, sharded: tuple | None = None) -> None:
         """Weights and EMA. ``make_ema()`` builds a fresh EMA when EMA was switched on at resume
-        (it averages from the resumed weights, not the base model's)."""
+        (it averages from the resumed weights, not the base model's). ``sharded``: (folder, saved names) of a
+        sharded checkpoint, which also holds the optimizer state (loaded here, onto any number of ranks)."""
+        if self.sharded:
+            from ..distributed import fsdp
+
+            folder, saved = sharded
+            if fsdp.load(folder, saved, self.transformer, self.optimizer, self.ema):
+                if self.ema is not None:
+                    self.ema.num_updates = int(objects.get("ema_meta", {}).get("num_updates", 0))
+            else:
+                self.ema = make_ema(self.transformer)
+            return
         self.transformer.load_state_dict(tensors["transformer"])
         if self.ema is not None:
             if "ema" in tensors:
@@ -85,7 +101,8 @@ class TrainState:
         (the loaded state carries the checkpoint's)."""
         from ..model import optimizers
 
-        self.optimizer.load_state_dict(objects["optimizer"])
+        if not self.sharded:  # a sharded optimizer state came with the weights
+            self.optimizer.load_state_dict(objects["optimizer"])
         optimizers.apply_hyperparameters(cfg, self.optimizer)
         self.lr_scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, max_steps,
                                                           completed_steps=int(objects["lr_scheduler"]["last_epoch"]))

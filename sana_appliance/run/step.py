@@ -40,6 +40,7 @@ class StepSetup:
     no_sync: Callable[[], Any] = contextlib.nullcontext  # skips the gradient all-reduce of a non-final micro-batch
     rank: int = 0  # this process's slice of the global batch
     world: int = 1  # processes, each with one slice
+    sharded: bool = False  # FSDP: parameters and gradients are DTensor shards (the norm is summed over them)
 
 
 def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas: torch.Tensor | None = None,
@@ -96,7 +97,12 @@ def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict]) -> 
     state.scaler.unscale_(state.optimizer)
     params = [p for p in state.transformer.parameters() if p.grad is not None]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if setup.sharded:
+        from ..distributed import fsdp
+
+        grad_norm = fsdp.grad_norm_and_clip(params, max_norm)
+    else:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
     lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step applies (read before the schedule moves on)
     if finite:

@@ -27,10 +27,10 @@ import torch
 from .. import tracking
 from ..config.resolve import Resolved
 from ..config.schema import BUILTIN_DATASET
-from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError
+from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError, PeersLost
 from ..data import precompute
 from ..data.precompute import CachedDataset
-from ..distributed import group
+from ..distributed import fsdp, group
 from ..distributed.stopping import Abandoned, StopFlag, StopVote
 from ..model import parts as models
 from ..model.flow import FlowSchedule
@@ -106,7 +106,19 @@ class Run:
                      self.output_dir, "shared" if ranks.shared_output else "node-local",
                      "" if topology.restart == 0 else f"; restart {topology.restart} of the group")
         self.compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision, torch.float32)
-        self.weight_dtype = optimizers.weight_dtype(cfg)
+        self.export_dtype = optimizers.weight_dtype(cfg)  # the final weights' dtype
+        self.fsdp = cfg.distributed_strategy == "fsdp"
+        self.plain = None  # FSDP: rank 0's unsharded copy of the transformer, for validation, eval and export
+        self._full: tuple | None = None  # FSDP: (weights, EMA) gathered on rank 0 for a validation round
+        if self.fsdp:
+            fsdp.ensure_group()
+            # The fp32 master weights are sharded; bf16 is the compute dtype FSDP casts each block to.
+            self.weight_dtype = torch.float32
+            log.info("distributed_strategy=fsdp: weights, gradients, AdamW state%s sharded across %d process(es); "
+                     "fp32 master weights, %s compute", " and EMA" if cfg.use_ema else "", self.world,
+                     "bf16" if cfg.mixed_precision == "bf16" else "fp32")
+        else:
+            self.weight_dtype = self.export_dtype
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
             torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
@@ -210,9 +222,15 @@ class Run:
         from ..model import optimizers
 
         cfg = self.cfg
+        if self.fsdp and self.is_main:  # before sharding (and before the checkpointed forwards)
+            self.plain = fsdp.plain_copy(self.parts.transformer)
         transformer = self.parts.transformer.to(self.device)
         if cfg.gradient_checkpointing:
             models.enable_block_checkpointing(transformer, cfg.gradient_checkpointing_interval)
+        if self.fsdp:
+            transformer, units = fsdp.shard(transformer, self.device, cfg.mixed_precision)
+            log.info("FSDP: %d fully_shard units (the transformer's %s, and the root)", units,
+                     ", ".join(transformer._no_split_modules))
         sampler = BucketBatchSampler(self.plan, cfg.train_batch_size, cfg.seed, num_replicas=self.world,
                                      rank=self.accelerator.process_index)
         micro_per_epoch = max(1, len(sampler))
@@ -220,8 +238,9 @@ class Run:
         optimizer = optimizers.build_optimizer(cfg, [p for p in transformer.parameters() if p.requires_grad])
         lr_scheduler = optimizers.build_lr_scheduler(cfg, optimizer, self.max_steps)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.mixed_precision == "fp16")
-        # The EMA lives where it is used: rank 0 validates and exports with it, checkpoint writers save it.
-        keeps_ema = cfg.use_ema and (self.is_main or self.ranks.writes_checkpoints)
+        # The EMA lives where it is used: rank 0 validates and exports with it, checkpoint writers save it;
+        # under FSDP every rank keeps its shard of it.
+        keeps_ema = cfg.use_ema and (self.fsdp or self.is_main or self.ranks.writes_checkpoints)
         ema = self._new_ema(transformer) if keeps_ema else None
         if self.world > 1:
             import warnings
@@ -229,9 +248,9 @@ class Run:
             # DDP notes once per process that a conv weight's gradient layout differs from its bucket's: a
             # performance hint about diffusers' depthwise convs, not a problem of the run.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        self.model = self.accelerator.prepare(transformer) if self.world > 1 else transformer
+        self.model = self.accelerator.prepare(transformer) if self.world > 1 and not self.fsdp else transformer
         self.state = TrainState(transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-                                generator=generator, sampler=sampler, ema=ema)
+                                generator=generator, sampler=sampler, ema=ema, sharded=self.fsdp)
 
         bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
         n_params = sum(p.numel() for p in transformer.parameters())
@@ -311,8 +330,9 @@ class Run:
         # disk, each machine's local rank 0 on node-local disks, so every machine can resume). A failed save
         # (a full disk) stops every rank with the same error.
         t0 = time.monotonic()
-        path = self.ranks.agree(lambda: self._write_checkpoint(progress, objects) if self.ranks.writes_checkpoints
-                                else None)
+        sharded = self._save_shards(progress) if self.fsdp else None
+        path = self.ranks.agree(lambda: self._write_checkpoint(progress, objects, sharded)
+                                if self.ranks.writes_checkpoints else None)
         if path is not None:
             self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
             if self.is_main:
@@ -324,9 +344,39 @@ class Run:
         self.accelerator.wait_for_everyone()
         return path or self.ckpt_root / f"checkpoint-{state.step}"
 
-    def _write_checkpoint(self, progress: dict, objects: dict) -> Path:
+    def _save_shards(self, progress: dict) -> Path:
+        """FSDP: every rank writes its shards into a folder beside the checkpoints, which the checkpoint writers
+        then move into the checkpoint; with node-local disks the machines first exchange shards, so every
+        machine's copy is whole."""
+        import shutil
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        staging = self.ckpt_root / f".checkpoint-{self.state.step}.sharded.tmp"
+
+        def prepare() -> None:
+            if self.ranks.writes_checkpoints:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+
+        self.ranks.agree(prepare)
+        try:
+            progress["sharded"] = fsdp.save(staging, self.state.transformer, self.state.optimizer, self.state.ema)
+        except (Exception, CheckpointException) as exc:
+            disk = fsdp.disk_failure(exc)
+            if disk is None:  # a lost peer or a crash: the launcher restarts the group from the last checkpoint
+                raise PeersLost(f"saving the shards of checkpoint-{self.state.step} failed ({fsdp.describe(exc)})") \
+                    from None
+            raise DataError(f"saving the shards of checkpoint-{self.state.step} in {self.ckpt_root} failed ({disk}); "
+                            "earlier checkpoints are intact. Free disk space or lower checkpoints_total_limit, then "
+                            "restart to resume.") from None
+        if not self.ranks.shared_output:
+            self.ranks.share_files(staging)
+        return staging
+
+    def _write_checkpoint(self, progress: dict, objects: dict, sharded: Path | None = None) -> Path:
         path = checkpoints.save(self.ckpt_root, self.state.step, tensors=self.state.tensors(), objects=objects,
-                                state=progress)
+                                state=progress, sharded=sharded)
         checkpoints.prune(self.ckpt_root, self.cfg.checkpoints_total_limit)
         return path
 
@@ -406,21 +456,36 @@ class Run:
         if errors:
             raise ConfigError([f"cannot resume from {ref.path}: {e}; or use resume_from_checkpoint=none or a new output_dir"
                                for e in errors])
-        for note in notes:
+        for note in notes if self.is_main else ():
             log.warning("resume: %s", note)
         current = self.resolved.redacted()
-        changed = {k: [saved_config.get(k), current.get(k)] for k in sorted(set(saved_config) | set(current))
-                   if saved_config.get(k) != current.get(k) and k not in ("output_dir", "resume_from_checkpoint")}
+        old = {k: saved_config.get(k, checkpoints.OLD_DEFAULTS.get(k)) for k in set(saved_config) | set(current)}
+        changed = {k: [old[k], current.get(k)] for k in sorted(old)
+                   if old[k] != current.get(k) and k not in ("output_dir", "resume_from_checkpoint")}
         # What was trained with which settings: run.json and the model card list every change and its step.
         self.state.resume_history = list(state.get("resume_history", [])) + ([{"step": state["step"], "changed": changed}]
                                                                         if changed else [])
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        sharded = None
+        if self.fsdp:
+            if not (ref.path / checkpoints.SHARDED).is_dir() or "sharded" not in state:
+                raise ConfigError(f"cannot resume from {ref.path}: it holds no FSDP shards (written with "
+                                  "distributed_strategy=ddp?); set distributed_strategy back to ddp, or use "
+                                  "resume_from_checkpoint=none or a new output_dir")
+            sharded = (ref.path / checkpoints.SHARDED, state["sharded"])
+        elif "sharded" in state:
+            raise ConfigError(f"cannot resume from {ref.path}: it was written with distributed_strategy=fsdp; set "
+                              "distributed_strategy: fsdp to resume it (on any number of GPUs)")
         try:
-            self.state.load_weights(tensors, objects, self._new_ema)
+            self.state.load_weights(tensors, objects, self._new_ema, sharded)
             self.state.load_training(objects, self.cfg, self.max_steps)
-        except (RuntimeError, ValueError, KeyError) as exc:  # shapes or optimizer layout of another model
+        except (RuntimeError, ValueError, KeyError,
+                CheckpointException) as exc:  # shapes or optimizer layout of another model
+            if any(group.is_peer_failure(e) for e in fsdp.failures(exc)):
+                raise PeersLost(f"loading {ref.path.name} failed on another rank ({fsdp.describe(exc)})") from None
             raise ConfigError(f"cannot resume from {ref.path}: its state does not fit this model or optimizer "
-                              f"({exc.__class__.__name__}: {str(exc)[:300]}); use resume_from_checkpoint=none or a new "
-                              "output_dir") from None
+                              f"({fsdp.describe(exc)}); use resume_from_checkpoint=none or a new output_dir") from None
         self._restore_streams(ref, objects, state, saved_config)
 
     def _global_batch_problems(self, state: dict) -> list[str]:
@@ -465,10 +530,13 @@ class Run:
             yield batch
 
     def _step_setup(self) -> StepSetup:
-        no_sync = (lambda: self.accelerator.no_sync(self.model)) if self.world > 1 else contextlib.nullcontext
+        # FSDP reduce-scatters every micro-batch's gradients: the accumulated gradients stay sharded (less memory
+        # than skipping the sync, which would hold them unsharded).
+        no_sync = (lambda: self.accelerator.no_sync(self.model)) if self.world > 1 and not self.fsdp \
+            else contextlib.nullcontext
         return StepSetup(cfg=self.cfg, model=self.model, parts=self.parts, schedule=self.schedule, device=self.device,
                          compute_dtype=self.compute_dtype, weight_dtype=self.weight_dtype, empty=self.empty,
-                         no_sync=no_sync, rank=self.ranks.rank, world=self.world)
+                         no_sync=no_sync, rank=self.ranks.rank, world=self.world, sharded=self.fsdp)
 
     @torch.no_grad()
     def eval_loss(self) -> float:
@@ -477,32 +545,70 @@ class Run:
         count = min(EVAL_SAMPLES, len(dataset))
         generator = torch.Generator("cpu").manual_seed(1234)
         sigmas = torch.linspace(0.1, 0.9, count)
-        transformer = self.state.transformer
-        setup = dataclasses.replace(self._step_setup(), model=transformer)  # the unwrapped model: rank 0 alone runs it
+        transformer = self.plain if self.fsdp else self.state.transformer  # rank 0 alone runs it
+        setup = dataclasses.replace(self._step_setup(), model=transformer)
         was_training = transformer.training
         transformer.eval()
         total = 0.0
-        for i in range(count):
-            item = dataset[i]
-            batch = {k: v[None] for k, v in item.items()}
-            total += float(flow_loss(setup, batch, generator, sigmas=sigmas[i:i + 1], dropout=False))
+        with self._plain_on_device():
+            for i in range(count):
+                item = dataset[i]
+                batch = {k: v[None] for k, v in item.items()}
+                total += float(flow_loss(setup, batch, generator, sigmas=sigmas[i:i + 1], dropout=False))
         transformer.train(was_training)
         return total / max(1, count)
+
+    def _plain_on_device(self):
+        if not self.fsdp:
+            return contextlib.nullcontext()
+        return fsdp.on_device(self.plain, self.device)
+
+    def _gather_full(self) -> None:
+        """FSDP, on every rank together: the full weights (and EMA) gathered onto rank 0's CPU, the weights loaded
+        into its plain copy. Without FSDP, nothing to do: rank 0 holds everything."""
+        if not self.fsdp:
+            return
+        weights = fsdp.full_state(self.state.transformer, self.is_main)
+        ema = fsdp.full_ema(self.state.ema, self.is_main) if self.state.ema is not None else None
+        if self.is_main:
+            self._full = (weights, ema)
+        # A failure on rank 0 (host memory) reaches the others, which would otherwise wait in the next collective.
+        self.ranks.agree(lambda: self.plain.load_state_dict(weights) if self.is_main else None)
 
     def _validate(self) -> dict:
         if not self.caches.prompts:
             return {}
         embeds = validation.encode_validation_prompts(self.caches.prompts, self.caches.text_cache)
         transformer, ema = self.state.transformer, self.state.ema
-        context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
+        if self.fsdp:
+            transformer, context = self.plain, self._ema_in_plain()
+        else:
+            context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
         with context:  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
                                              device=self.device, dtype=self.weight_dtype, check=self.vote.check)
 
+    @contextlib.contextmanager
+    def _ema_in_plain(self):
+        """FSDP: the gathered EMA in rank 0's plain copy (on the device) for the block, the weights back after."""
+        weights, ema = self._full
+        with self._plain_on_device():
+            if ema is not None:
+                self.plain.load_state_dict(ema, strict=False)
+            try:
+                yield
+            finally:
+                if ema is not None:
+                    self.plain.load_state_dict(weights)
+
     def _start_eval(self) -> None:
-        """The held-out eval loss before the first step (a resumed run keeps reporting the first run's)."""
-        state, eval_now = self.state, self.eval_loss()
+        """The held-out eval loss before the first step (a resumed run keeps reporting the first run's), measured
+        by rank 0 and known to every rank (each checkpoint writer saves it)."""
+        self._gather_full()
+        state = self.state
+        eval_now = self.ranks.broadcast(self.ranks.agree(lambda: self.eval_loss() if self.is_main else None))
+        self._full = None
         if state.eval_first is None:
             state.eval_first = {"step": state.step, "value": eval_now}
         self.eval_start = state.eval_first["value"]
@@ -619,12 +725,14 @@ class Run:
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
                                                    "skipped_steps": self.state.nonfinite_total,
                                                    "distributed": {**self.ranks.summary(),
-                                                                   "world_size": self.world}})
+                                                                   "world_size": self.world,
+                                                                   "strategy": self.cfg.distributed_strategy}})
 
     def _validation_round(self) -> bool:
         """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
         the round at the next sampler step (no images of it are logged). All ranks return the
         same answer: True when a stop was requested."""
+        self._gather_full()
         if self.is_main:
             log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.caches.prompts))
             try:
@@ -642,6 +750,7 @@ class Run:
                 log.warning("validation at step %d failed and was skipped, training goes on (%s: %s); lower "
                             "validation_resolution or validation_num_inference_steps, or set validation_steps=0",
                             self.step, type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        self._full = None
         return self.vote.finish()
 
     # ------------------------------------------------------------ finish
@@ -658,6 +767,7 @@ class Run:
                 "again without training")
         if cfg.validation_steps and self._validation_round():
             raise self.stop.error(f"during the final validation; {redo}", self.step)
+        self._gather_full()  # FSDP: rank 0 exports from the gathered weights
         if not self.is_main:
             return
         if self.eval_logged[0] == self.step:  # the final validation round just measured it
@@ -673,10 +783,15 @@ class Run:
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
                                  eval_loss=self._eval_summary(), resume_history=self.state.resume_history)
-        ema = self.state.ema
-        ema_state = ema.to_state_dict_for_export(self.weight_dtype) if ema is not None else None
+        ema, transformer = self.state.ema, self.state.transformer
+        if not self.fsdp:
+            ema_state = ema.to_state_dict_for_export(self.weight_dtype) if ema is not None else None
+        else:  # the plain copy holds the gathered weights; exported in the dtype the config trains
+            transformer = fsdp.cast_(self.plain, self.export_dtype)
+            _, full_ema = self._full
+            ema_state = None if full_ema is None else {k: v.to(self.export_dtype).contiguous() for k, v in full_ema.items()}
         try:
-            export.export_final(output_dir=self.output_dir, transformer=self.state.transformer, ema_state=ema_state,
+            export.export_final(output_dir=self.output_dir, transformer=transformer, ema_state=ema_state,
                                 parts=self.parts, card=card, sample_images=samples, check=self.stop.check)
         except Abandoned:
             raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
