@@ -498,7 +498,8 @@ def test_builtin_demo_plan_and_eval_samples(tmp_path):
     assert all(s.size == (64, 64) for s in plan.samples)
     assert plan.text_embeds.cache_dir == w.cache_dir / "text" / "demo"
     assert plan.backends[0].cache_dir_vae.is_relative_to(w.cache_dir) and not plan.backends[0].crop
-    assert "a red circle on a blue background" in {s.caption for s in plan.samples}
+    captions = {s.caption for s in plan.samples}
+    assert "a blue circle on a red background" in captions and "a red circle on a blue background" not in captions
     evals = demo_eval_samples(w, size_multiple=8)
     assert len(evals) == 8 and all(s.backend_id == "demo-shapes" and s.size == (64, 64) for s in evals)
     assert not {s.path for s in evals} & {s.path for s in plan.samples}

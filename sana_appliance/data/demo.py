@@ -3,7 +3,10 @@
 64 training and 8 held-out 64x64 PNG images of one shape (circle, square,
 triangle) in one colour on a background of another colour, with positions and
 sizes jittered, each with a caption such as "a red circle on a blue background"
-in a same-stem .txt file. The generator is seeded by a constant, so every
+in a same-stem .txt file. Six of the 36 (shape, colour, background) combinations
+(HELD_OUT) never appear in training: the held-out images show only those, so the
+eval loss and the colour score (:func:`colour_score`) measure whether the model
+composes what it learned rather than recalls a picture. The generator is seeded by a constant, so every
 workspace gets byte-identical files (the demo's losses are reproducible).
 
 Layout under ``workspace.datasets_dir / "demo-shapes"``::
@@ -33,7 +36,7 @@ from ..core.fsutil import atomic_folder
 from ..core.workspace import Workspace
 
 DEMO_NAME = "demo-shapes"
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 IMAGE_SIZE = 64
 NUM_TRAIN = 64
 NUM_EVAL = 8
@@ -45,6 +48,13 @@ COLOURS = {
     "blue": (40, 70, 220),
     "yellow": (240, 210, 40),
 }
+
+
+# Never trained on; each shape, colour and background still appears in training in other combinations.
+HELD_OUT = (
+    ("circle", "red", "blue"), ("square", "green", "yellow"), ("triangle", "blue", "red"),
+    ("circle", "yellow", "green"), ("square", "blue", "green"), ("triangle", "red", "yellow"),
+)
 
 
 def demo_root(workspace: Workspace) -> Path:
@@ -86,21 +96,28 @@ def _write_split(folder: Path, items: list[tuple[str, str, str]], rng: random.Ra
         (folder / f"{stem}.txt").write_text(caption_of(shape, colour, background) + "\n", encoding="utf-8")
 
 
+def _current(root: Path) -> bool:
+    """The folder is complete and of this version."""
+    try:
+        return json.loads((root / "DONE").read_text()).get("version") == DEMO_VERSION
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def ensure_demo_dataset(workspace: Workspace) -> Path:
     """Write the demo dataset once (atomically); return its root folder."""
     root = demo_root(workspace)
-    if (root / "DONE").is_file():
+    if _current(root):
         return root
-    # Another process (rank) may finish first: its folder is as good as ours. An incomplete
-    # folder (an older crash) is replaced.
-    with atomic_folder(root, existing="keep", is_complete=lambda d: (d / "DONE").is_file()) as tmp:
+    # Another process (rank) may finish first: its folder is as good as ours. An incomplete folder (an older
+    # crash) or one of an earlier version (other held-out combinations) is replaced: it is generated data.
+    with atomic_folder(root, existing="keep", is_complete=_current) as tmp:
         rng = random.Random(_GENERATOR_SEED)
-        combos = _combos()
-        order = combos[:]
+        order = [c for c in _combos() if c not in HELD_OUT]
         rng.shuffle(order)
-        # Every combination appears in training at least once; the rest cycle again.
+        # Every trained combination appears at least once; the rest cycle again. The held-out ones only in eval/.
         train = [order[i % len(order)] for i in range(NUM_TRAIN)]
-        evals = [order[(i * 5) % len(order)] for i in range(NUM_EVAL)]
+        evals = [HELD_OUT[i % len(HELD_OUT)] for i in range(NUM_EVAL)]
         _write_split(tmp / "train", train, rng)
         _write_split(tmp / "eval", evals, rng)
         meta = {"version": DEMO_VERSION, "train": NUM_TRAIN, "eval": NUM_EVAL, "image_size": IMAGE_SIZE}
@@ -133,3 +150,52 @@ def demo_config_entries(workspace: Workspace) -> list[dict]:
             "write_batch_size": 64,
         },
     ]
+
+
+def held_out_prompts() -> list[str]:
+    return [caption_of(*combo) for combo in HELD_OUT]
+
+
+def parse_caption(caption: str) -> tuple[str, str, str] | None:
+    """(shape, colour, background) of a demo caption, or None for any other text."""
+    words = caption.strip().split()
+    if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
+        return None
+    colour, shape, background = words[1], words[2], words[5]
+    if shape not in SHAPES or colour not in COLOURS or background not in COLOURS:
+        return None
+    return shape, colour, background
+
+
+def _nearest(rgb) -> str:
+    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], rgb)))
+
+
+def image_colours(image: Image.Image) -> tuple[str, str | None]:
+    """(background colour, shape colour) of a generated picture, each the nearest demo colour: the background
+    from the median of the outer ring of pixels, the shape from the median of the pixels far from the
+    background (None when fewer than 3% of the pixels are: no shape drawn)."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), dtype=np.float32)
+    ring = np.concatenate([pixels[:3].reshape(-1, 3), pixels[-3:].reshape(-1, 3), pixels[:, :3].reshape(-1, 3),
+                           pixels[:, -3:].reshape(-1, 3)])
+    background = np.median(ring, axis=0)
+    far = np.linalg.norm(pixels - background, axis=-1) > 80.0
+    shape = None
+    if far.mean() >= 0.03:
+        shape = _nearest(np.median(pixels[far], axis=0))
+    return _nearest(background), shape
+
+
+def colour_score(images: dict[str, Image.Image]) -> dict[str, float]:
+    """Over {caption: picture}: the fraction whose background, and whose shape, has the prompted colour
+    (chance: 1 in 4)."""
+    hits_bg = hits_shape = 0
+    for caption, image in images.items():
+        _, colour, background = parse_caption(caption)
+        got_bg, got_shape = image_colours(image)
+        hits_bg += got_bg == background
+        hits_shape += got_shape == colour
+    n = max(1, len(images))
+    return {"background": hits_bg / n, "shape": hits_shape / n}

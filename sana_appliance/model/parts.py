@@ -26,11 +26,26 @@ from . import BUILTIN_MODEL
 log = logging.getLogger(__name__)
 
 # Bump when the tiny model's architecture or init changes: the folder name is its identity.
-TINY_VERSION = "v2"
+TINY_VERSION = "v3"  # v3: the trained tiny DC-AE (scripts/train_tiny_dcae.py)
 # Width of the tiny Gemma-2 (and so the transformer's caption_channels). Every linear layer's
 # in_features is a multiple of 64, bitsandbytes' nf4 block: its CPU kernel on AVX512-BF16
 # hosts fails on narrower layers, and the tests load this encoder in nf4 (docs/recipe.md).
 TINY_TEXT_WIDTH = 64
+
+
+# The tiny DC-AE (4x spatial compression, 8 latent channels). scripts/train_tiny_dcae.py trains it on the demo's
+# shapes; its weights ship in the package (TINY_VAE_WEIGHTS).
+TINY_VAE_CONFIG = dict(
+    in_channels=3, latent_channels=8, attention_head_dim=8,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
+    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    upsample_block_type="interpolate", downsample_block_type="Conv",
+    decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+)
+TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_dcae.safetensors")
 
 
 @dataclass
@@ -74,20 +89,35 @@ def complex_human_instruction(setting: str) -> list[str] | None:
 # ---------------------------------------------------------------- the tiny model
 
 
+# The demo captions' words ("a {colour} {shape} on a {colour} background", data/demo.py; tested to cover them):
+# each is one token of the tiny tokenizer, so a colour is one embedding, not a run of letters.
+TINY_WORDS = ("a", "on", "background", "circle", "square", "triangle", "red", "green", "blue", "yellow")
+
+
 def _tiny_tokenizer():
+    """Gemma's tokenizer class with a tiny vocabulary: bytes, letters, and TINY_WORDS as whole-word pieces (BPE
+    merges letter by letter). Any other text, the complex human instruction included, is spelled in letters."""
     from transformers import GemmaTokenizer
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     symbols = [f"<0x{i:02X}>" for i in range(256)]
     chars = ["▁"] + list(string.ascii_lowercase + string.ascii_uppercase + string.digits + ".,:;'\"!?-()/")
-    vocab = {tok: i for i, tok in enumerate(specials + symbols + chars)}
-    return GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, add_eos_token=False)
+    pieces, merges = [], []
+    for word in TINY_WORDS:
+        for k in range(1, len(word) + 1):
+            left, right = "▁" + word[:k - 1], word[k - 1]
+            if left + right not in pieces:
+                pieces.append(left + right)
+                merges.append((left, right))
+    tokens = specials + symbols + chars + [piece for piece in pieces if piece not in chars]
+    return GemmaTokenizer(vocab={tok: i for i, tok in enumerate(tokens)}, merges=merges, add_bos_token=True,
+                          add_eos_token=False)
 
 
 def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH) -> None:
     """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic).
     `text_width` is for tests that need another text encoder width (the built-in uses the default)."""
-    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     from transformers import Gemma2Config, Gemma2Model
 
     tokenizer = _tiny_tokenizer()
@@ -98,17 +128,7 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
         caption_channels=text_width, mlp_ratio=2.5, sample_size=16, patch_size=1,
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderDC(
-        in_channels=3, latent_channels=8, attention_head_dim=8,
-        encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
-        encoder_block_out_channels=(16, 32, 32), decoder_block_out_channels=(16, 32, 32),
-        encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
-        encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
-        upsample_block_type="interpolate", downsample_block_type="Conv",
-        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
-    )
+    vae = tiny_vae()
     torch.manual_seed(seed + 2)
     text_encoder = Gemma2Model(
         Gemma2Config(
@@ -118,6 +138,12 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
             pad_token_id=0, bos_token_id=2, eos_token_id=1,
         )
     )
+    # Word embeddings 5x transformers' default scale: at 0.02 the two random layers' shared context (the long
+    # instruction before every caption) drowns the words, and the background colour changes a caption's
+    # embedding by almost nothing (cosine 0.93 between "red" and "blue" there); at 0.1 the colours are apart
+    # (cosine 0.5-0.64) and a word's role still shows (the same colour as shape and as background: 0.56).
+    with torch.no_grad():
+        text_encoder.embed_tokens.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(seed + 3))
     # Sana ships a DPM-Solver config with flow_shift 3.0: reproduce that trap-laden shape exactly.
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -134,6 +160,20 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
             raise RuntimeError(f"building the built-in model wrote an incomplete folder {tmp}: a part has no weights")
         (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
             json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
+
+
+def tiny_vae():
+    """The demo's DC-AE with its shipped weights (trained on the demo's shapes by scripts/train_tiny_dcae.py; the
+    latent scaling factor measured there rides in the file's metadata)."""
+    from diffusers import AutoencoderDC
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(TINY_VAE_WEIGHTS), framework="pt") as handle:
+        scaling = float(handle.metadata()["scaling_factor"])
+    vae = AutoencoderDC(**{**TINY_VAE_CONFIG, "scaling_factor": scaling})
+    vae.load_state_dict(load_file(TINY_VAE_WEIGHTS))
+    return vae
 
 
 def _complete_pipeline(folder: Path) -> bool:
