@@ -1,9 +1,7 @@
 #!/usr/bin/env python3
 """Container entrypoint: hands everything to the package CLI (`sana-appliance`)."""
 
-import sys
-
-from sana_appliance.cli import main
+from sana_appliance.cli import leave, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

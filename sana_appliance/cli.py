@@ -158,6 +158,20 @@ def _check_hub_access(resolved: Resolved) -> None:
     log.info(access.check_push_access(resolved).line)
 
 
+def leave(code: int) -> None:
+    """Exit the process with `code`. A process that joined a process group ends with os._exit once its output
+    is flushed: torch's gloo/NCCL teardown at interpreter exit can abort ("terminate called without an active
+    exception", SIGABRT) while a peer is still connected, turning a documented exit code into a crash that the
+    launcher would restart."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(code))
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if os.environ.get("APPLIANCE_LAUNCHER_PID") and os.environ.get("RANK"):

@@ -23,6 +23,7 @@ from probes import sitecustomize
 from safetensors.torch import load_file
 from test_checkpoints import Reader
 
+from sana_appliance.model.parts import TINY_VERSION
 from sana_appliance.run import checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +144,7 @@ def test_two_torchrun_agents_with_their_own_disks_match_one_process(shared_works
     assert "Traceback" not in both
     # Machine 1 built the built-in model on its own disk, every part with its weights (transformers writes
     # only on global rank 0 unless told otherwise).
-    built = next((second_disk / "cache" / "models").glob("tiny-sana-*"))
+    built = second_disk / "cache" / "models" / f"tiny-sana-{TINY_VERSION}"  # (not its .lock beside it)
     assert all(any((built / part).glob("*.safetensors")) for part in ("transformer", "vae", "text_encoder"))
     # Both machines hold the checkpoints (node-local output disks), identical.
     for out in outs:
@@ -324,6 +325,7 @@ AGREE_SCRIPT = """
 import os, sys
 import torch.distributed as dist
 from sana_appliance.core.errors import ApplianceError, DataError
+from sana_appliance.cli import leave
 from sana_appliance.distributed.group import World
 
 dist.init_process_group("gloo")
@@ -339,8 +341,8 @@ try:
     world.agree(work)
 except ApplianceError as exc:
     print(f"rank {rank} raised {type(exc).__name__}: {exc.message}", flush=True)
-    sys.exit(int(exc.exit_code))
-sys.exit(0)
+    leave(int(exc.exit_code))  # as the CLI ends: no gloo teardown abort at exit
+leave(0)
 """
 
 

@@ -26,7 +26,7 @@ from . import BUILTIN_MODEL
 log = logging.getLogger(__name__)
 
 # Bump when the tiny model's architecture or init changes: the folder name is its identity.
-TINY_VERSION = "v3"  # v3: the trained tiny DC-AE (scripts/train_tiny_dcae.py)
+TINY_VERSION = "v4"  # v3: the trained tiny DC-AE (scripts/train_tiny_dcae.py); v4: the trained tiny Gemma-2
 # Width of the tiny Gemma-2 (and so the transformer's caption_channels). Every linear layer's
 # in_features is a multiple of 64, bitsandbytes' nf4 block: its CPU kernel on AVX512-BF16
 # hosts fails on narrower layers, and the tests load this encoder in nf4 (docs/recipe.md).
@@ -46,6 +46,8 @@ TINY_VAE_CONFIG = dict(
     decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
 )
 TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_dcae.safetensors")
+# The tiny Gemma-2, trained by scripts/train_tiny_text_encoder.py to tell the colours' roles apart.
+TINY_TEXT_WEIGHTS = Path(__file__).with_name("tiny_gemma2.safetensors")
 
 
 @dataclass
@@ -118,9 +120,7 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
     """Build the demo's tiny Sana deterministically and save it in diffusers layout (atomic).
     `text_width` is for tests that need another text encoder width (the built-in uses the default)."""
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
-    from transformers import Gemma2Config, Gemma2Model
 
-    tokenizer = _tiny_tokenizer()
     torch.manual_seed(seed)
     transformer = SanaTransformer2DModel(
         in_channels=8, out_channels=8, num_attention_heads=4, attention_head_dim=16, num_layers=4,
@@ -129,21 +129,8 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
     vae = tiny_vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = Gemma2Model(
-        Gemma2Config(
-            vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
-            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=text_width // 2,
-            max_position_embeddings=1024,
-            pad_token_id=0, bos_token_id=2, eos_token_id=1,
-        )
-    )
-    # Word embeddings 5x transformers' default scale: at 0.02 the two random layers' shared context (the long
-    # instruction before every caption) drowns the words, and the background colour changes a caption's
-    # embedding by almost nothing (cosine 0.93 between "red" and "blue" there); at 0.1 the colours are apart
-    # (cosine 0.5-0.64) and a word's role still shows (the same colour as shape and as background: 0.56).
-    with torch.no_grad():
-        text_encoder.embed_tokens.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(seed + 3))
+    tokenizer, text_encoder = tiny_text_encoder(pretrained=text_width == TINY_TEXT_WIDTH, seed=seed,
+                                                text_width=text_width)
     # Sana ships a DPM-Solver config with flow_shift 3.0: reproduce that trap-laden shape exactly.
     scheduler = DPMSolverMultistepScheduler(
         num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
@@ -160,6 +147,30 @@ def build_tiny_sana(dest: Path, seed: int = 0, text_width: int = TINY_TEXT_WIDTH
             raise RuntimeError(f"building the built-in model wrote an incomplete folder {tmp}: a part has no weights")
         (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
             json.dumps({"model": BUILTIN_MODEL, "version": TINY_VERSION, "seed": seed, "text_width": text_width}))
+
+
+def tiny_text_encoder(pretrained: bool = True, seed: int = 0, text_width: int = TINY_TEXT_WIDTH):
+    """(tokenizer, Gemma2Model) of the tiny Sana. `pretrained`: the weights trained by
+    scripts/train_tiny_text_encoder.py (TINY_TEXT_WEIGHTS); else the seeded initialisation it starts from."""
+    from safetensors.torch import load_file
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _tiny_tokenizer()
+    torch.manual_seed(seed + 2)
+    encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=text_width // 2,
+        max_position_embeddings=1024, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    ))
+    # Word embeddings 5x transformers' default scale: at 0.02 the two random layers' shared context (the long
+    # instruction before every caption) drowns the words, and the background colour changes a caption's
+    # embedding by almost nothing (cosine 0.93 between "red" and "blue" there); at 0.1 the colours are apart
+    # (cosine 0.5-0.64).
+    with torch.no_grad():
+        encoder.embed_tokens.weight.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(seed + 3))
+    if pretrained:
+        encoder.load_state_dict(load_file(TINY_TEXT_WEIGHTS))
+    return tokenizer, encoder
 
 
 def tiny_vae():
