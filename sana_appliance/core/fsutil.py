@@ -129,10 +129,35 @@ def atomic_write_json(path: Path, obj: Any, **dump_kwargs: Any) -> None:
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Same tensors and metadata, same bytes: safetensors writes `__metadata__` in hash-map order, which
+    differs between processes, so the header is rewritten with the metadata keys sorted."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if metadata and len(metadata) > 1:
+            canonical_safetensors_header(tmp)
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's header with `__metadata__` first and its keys sorted (the tensor entries keep
+    safetensors' own, deterministic order). The data offsets are relative to the end of the header, so only the
+    header changes; it is padded with spaces to a multiple of 8, as safetensors pads it."""
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        if len(raw) == length:  # the usual case: same text, another order
+            handle.seek(8)
+            handle.write(raw)
+            return
+        handle.seek(8 + length)
+        data = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(len(raw).to_bytes(8, "little") + raw + data)
 
 
 def safetensors_problem(path: Path) -> str | None:

@@ -188,14 +188,15 @@ def image_colours(image: Image.Image) -> tuple[str, str | None]:
     return _nearest(background), shape
 
 
-def colour_score(images: dict[str, Image.Image]) -> dict[str, float]:
-    """Over {caption: picture}: the fraction whose background, and whose shape, has the prompted colour
-    (chance: 1 in 4)."""
+def colour_score(images) -> dict[str, float]:
+    """Over {caption: picture} or [(caption, picture)]: the fraction whose background, and whose shape, has the
+    prompted colour (chance: 1 in 4)."""
+    pairs = list(images.items() if isinstance(images, dict) else images)
     hits_bg = hits_shape = 0
-    for caption, image in images.items():
+    for caption, image in pairs:
         _, colour, background = parse_caption(caption)
         got_bg, got_shape = image_colours(image)
         hits_bg += got_bg == background
         hits_shape += got_shape == colour
-    n = max(1, len(images))
+    n = max(1, len(pairs))
     return {"background": hits_bg / n, "shape": hits_shape / n}

@@ -10,7 +10,8 @@ What goes up is the table :data:`UPLOAD_TARGETS`:
   started over with resume_from_checkpoint=none gets a folder of its own; the newest is resumed). After
   each one, older remote checkpoints of the run beyond ``hub_keep_checkpoints`` (default
   ``checkpoints_total_limit``) are deleted.
-- ``progress``: validation images, metrics.jsonl, data_report.json and run.json, to ``run/``, at most every
+- ``progress``: validation images and grids, metrics.jsonl, data_report.json, run.json and the run report
+  (report.html with its plots in report/), to ``run/``, at most every
   ``hub_sync_interval_s`` seconds while training, with each checkpoint, and at the end.
 - ``final``: the exported pipeline (with the model card) at the repo root, plus the single-file weights.
 
@@ -49,7 +50,8 @@ CHECKPOINTS_DIR = "checkpoints"  # checkpoints/<config hash>/checkpoint-<step>/ 
 RUN_DIR = "run"  # validation images and the run's records
 CHECKPOINT_MARKER = "COMPLETE"  # run/checkpoints.py's marker: uploaded last
 SMALL_FILE = 10 * 2**20  # the Hub keeps files this small in git (blob id) unless they are binary (LFS)
-PROGRESS_FILES = ("metrics.jsonl", "data_report.json", "run.json")  # read once per job: they change while training
+PROGRESS_FILES = ("metrics.jsonl", "data_report.json", "run.json", "report.html")  # read once per job: they change
+REPORT_PLOTS = "report"  # run/report.py's PLOTS_DIR: the report's PNGs, beside report.html
 
 
 # ---------------------------------------------------------------- what the completion marker records
@@ -157,6 +159,7 @@ def _checkpoint_gone(output_dir: Path, job: dict) -> str | None:
 
 def _progress_files(output_dir: Path, job: dict) -> list[tuple[Path, str]]:
     files = _tree_files(output_dir / "validation", f"{RUN_DIR}/validation/")
+    files += _tree_files(output_dir / REPORT_PLOTS, f"{RUN_DIR}/{REPORT_PLOTS}/")
     return files + [(output_dir / name, f"{RUN_DIR}/{name}") for name in PROGRESS_FILES if (output_dir / name).is_file()]
 
 
@@ -192,7 +195,7 @@ def _no_problem(output_dir: Path, job: dict) -> None:
 
 UPLOAD_TARGETS: dict[str, UploadTarget] = {spec.name: spec for spec in (
     UploadTarget("checkpoint", "a complete checkpoint, marker last", _checkpoint_files, _checkpoint_marker, _checkpoint_gone),
-    UploadTarget("progress", "validation images, metrics.jsonl, data_report.json, run.json", _progress_files,
+    UploadTarget("progress", "validation images, metrics.jsonl, data_report.json, run.json, report", _progress_files,
                  _no_marker, _no_problem),
     UploadTarget("final", "the exported pipeline with its model card, and the single-file weights", _final_files,
                  _no_marker, _final_problem),
@@ -501,7 +504,8 @@ class Uploader:
     def _changed(self, files: Sequence[tuple[Path, str]], remote: dict) -> list[tuple[Path, str, bytes | None]]:
         out = []
         for path, name in files:
-            content = path.read_bytes() if path.name in PROGRESS_FILES else None
+            # Files rewritten in place during the run are read once, so what goes up matches its digest.
+            content = path.read_bytes() if path.name in PROGRESS_FILES or path.parent.name == REPORT_PLOTS else None
             size = len(content) if content is not None else path.stat().st_size
             if not _same(remote.get(name), size, self._digests.of(path, content)):
                 out.append((path, name, content))

@@ -31,7 +31,9 @@ def export_final(
 
     `check` runs between files (the text encoder alone is GBs); when it raises, the temp folder
     is removed and final/ stays as it was (absent, or the previous export)."""
-    meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(dict(transformer.config), default=str)}
+    # Without `_name_or_path` (the workspace's folder): the same weights give the same bytes in any workspace.
+    config = {k: v for k, v in dict(transformer.config).items() if k != "_name_or_path"}
+    meta = {"format": "pt", "model": "SanaTransformer2DModel", "config": json.dumps(config, default=str)}
     trained = transformer.state_dict()
     check()
     atomic_save_safetensors(trained, output_dir / "transformer.safetensors", meta)
@@ -62,6 +64,7 @@ def export_final(
                     copy_file(source, tmp / name)
             check()
             transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
+            _drop_local_path(tmp / "transformer" / "config.json")
             samples = tmp / "samples"
             samples.mkdir()
             for image in sample_images:
@@ -75,8 +78,40 @@ def export_final(
     return final
 
 
+def _drop_local_path(config_file: Path) -> None:
+    """diffusers records the folder the model was loaded from (`_name_or_path`: the workspace's cache); without
+    it the export names no local path and its bytes are the same in any workspace."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if config.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _dtype_name(config: dict) -> str:
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(str(config.get("mixed_precision")), "float32")
+
+
+def _call_options(config: dict) -> str:
+    """The pipeline call that draws what validation drew: its size exactly (no resolution binning, which would
+    draw at the nearest bin of the base model's size and resize), and the text length the embeddings were
+    trained with when it is not SanaPipeline's default of 300; validation's steps, guidance and seed."""
+    from ..config.rules import parse_resolutions
+
+    options = (f", num_inference_steps={config.get('validation_num_inference_steps')}, "
+               f"guidance_scale={config.get('validation_guidance')}")
+    try:
+        width, height = parse_resolutions(str(config.get("validation_resolution")))[0]
+        options += f", height={height}, width={width}, use_resolution_binning=False"
+    except (ValueError, IndexError, TypeError):
+        pass
+    length = config.get("tokenizer_max_length")
+    if isinstance(length, int) and length != 300:
+        options += f", max_sequence_length={length}"
+    return options + f", generator=torch.Generator().manual_seed({config.get('validation_seed')})"
+
+
 def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict,
-               resume_history: list[dict] | None = None) -> str:
+               resume_history: list[dict] | None = None, colour_score: dict | None = None,
+               report_link: dict[str, str] | None = None) -> str:
     """A Hub model card. `config` must already be redacted."""
     base = model_info.get("repo_id") or model_info.get("name")
     revision = model_info.get("commit_sha") or model_info.get("version") or "local"
@@ -115,11 +150,25 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
                       f"- end (step {eval_loss['end_step']}): {eval_loss['end']:.5f}"]
         else:
             lines += [f"- {k}: {v:.5f}" for k, v in eval_loss.items()]
+    if colour_score:
+        lines += ["", "## Held-out colour score", "",
+                  f"Pictures of the demo's {colour_score['prompts']} held-out prompts (combinations never trained on), "
+                  f"{colour_score['seeds']} seeds each, at step {colour_score['step']}: the prompted background colour in "
+                  f"{colour_score['background']:.0%}, the prompted shape colour in {colour_score['shape']:.0%} of "
+                  f"{colour_score['pictures']} (chance: {colour_score['chance']:.0%}). Rendered with the tiny text "
+                  "encoder's max_sequence_length of 48 at 64x64: call this pipeline with `max_sequence_length=48` (SanaPipeline's "
+                  "default of 300 gives the captions other embeddings) and `use_resolution_binning=False` (see Use).",]
+    if report_link:
+        lines += ["", "## Run report", "",
+                  "report.html (" + "; ".join(f"[{href}]({href}) {where}" for where, href in report_link.items())
+                  + "): loss, eval loss, learning rate, throughput, memory and skipped-step curves, the validation "
+                  "grids over time, and the dataset summary and data report."]
     lines += ["", "## Samples", ""]
     lines += [f"![{name}](samples/{name})" for name in samples]
     lines += [
         "", "## Use", "", "```python", "import torch", "from diffusers import SanaPipeline",
-        "pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', torch_dtype=torch.bfloat16).to('cuda')",
-        f"image = pipe({config.get('validation_prompt')!r}).images[0]", "```", "",
+        f"pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', dtype=torch.{_dtype_name(config)})",
+        "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')",
+        f"image = pipe({config.get('validation_prompt')!r}{_call_options(config)}).images[0]", "```", "",
     ]
     return "\n".join(lines)

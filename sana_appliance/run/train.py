@@ -28,19 +28,20 @@ from .. import tracking
 from ..config.resolve import Resolved
 from ..config.schema import BUILTIN_DATASET
 from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError, PeersLost
-from ..data import precompute
+from ..data import demo, precompute
 from ..data.precompute import CachedDataset
 from ..distributed import fsdp, group
 from ..distributed.stopping import Abandoned, StopFlag, StopVote
 from ..model import parts as models
 from ..model.flow import FlowSchedule
-from . import checkpoints, runinfo, validation
+from . import checkpoints, report, runinfo, validation
 from .state import TrainState
 from .step import StepSetup, flow_loss, train_step
 
 log = logging.getLogger(__name__)
 
 EVAL_SAMPLES = 8
+HELD_OUT_SEEDS = 3  # the demo's colour score: each held-out prompt drawn from this many noises
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -110,6 +111,9 @@ class Run:
         self.fsdp = cfg.distributed_strategy == "fsdp"
         self.plain = None  # FSDP: rank 0's unsharded copy of the transformer, for validation, eval and export
         self._full: tuple | None = None  # FSDP: (weights, EMA) gathered on rank 0 for a validation round
+        # The demo's held-out colour score, measured each validation round (and before the first step).
+        self.scores_colours = cfg.data_backend_config == BUILTIN_DATASET and bool(cfg.validation_steps)
+        self.colour_score: dict | None = None  # the latest measurement
         if self.fsdp:
             fsdp.ensure_group()
             # The fp32 master weights are sharded; bf16 is the compute dtype FSDP casts each block to.
@@ -195,6 +199,8 @@ class Run:
         self._check_same_plan()
         if self.is_main:
             self.plan.write_report(self.output_dir)
+            self._quietly("the training data's contact sheet", lambda: report.contact_sheet(
+                self.plan.samples, self.output_dir / "validation" / report.CONTACT_SHEET))
         if cfg.data_backend_config == BUILTIN_DATASET:
             from ..data.plan import demo_eval_samples
 
@@ -575,9 +581,9 @@ class Run:
         # A failure on rank 0 (host memory) reaches the others, which would otherwise wait in the next collective.
         self.ranks.agree(lambda: self.plain.load_state_dict(weights) if self.is_main else None)
 
-    def _validate(self) -> dict:
-        if not self.caches.prompts:
-            return {}
+    def _validate(self) -> validation.Round:
+        if not self.caches.prompts and not self.scores_colours:
+            return validation.Round({}, [], {})
         embeds = validation.encode_validation_prompts(self.caches.prompts, self.caches.text_cache)
         transformer, ema = self.state.transformer, self.state.ema
         if self.fsdp:
@@ -587,7 +593,47 @@ class Run:
         with context:  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
-                                             device=self.device, dtype=self.weight_dtype, check=self.vote.check)
+                                             device=self.device, dtype=self.weight_dtype, check=self.vote.check,
+                                             extra=self._held_out_embeds(), extra_size=(demo.IMAGE_SIZE, demo.IMAGE_SIZE),
+                                             extra_seeds=HELD_OUT_SEEDS)
+
+    def _held_out_embeds(self) -> list:
+        """The demo's held-out captions (cached with its eval images), for the colour score; none otherwise."""
+        if not self.scores_colours:
+            return []
+        prompts = {f"held-out-{i}": caption for i, caption in enumerate(demo.held_out_prompts())}
+        return validation.encode_validation_prompts(prompts, self.caches.text_cache)
+
+    def _score_colours(self, pictures: dict) -> list[list[tuple[object, str]]]:
+        """Log the held-out colour score of a round's pictures ({(caption, seed): image}); their grid rows."""
+        rows: dict[str, list] = {}
+        judged = []
+        for (caption, seed), image in pictures.items():
+            _, colour, background = demo.parse_caption(caption)
+            got_background, got_shape = demo.image_colours(image)
+            judged.append((caption, image))
+            verdict = (f"background {got_background} ({'right' if got_background == background else 'wrong'}), "
+                       f"shape {got_shape or 'none'} ({'right' if got_shape == colour else 'wrong'})")
+            rows.setdefault(caption, []).append((image, f"held out: {caption}\nseed {seed}: {verdict}"))
+        score = demo.colour_score(judged)
+        self.colour_score = {"step": self.step, "background": score["background"], "shape": score["shape"],
+                             "prompts": len(rows), "seeds": HELD_OUT_SEEDS, "pictures": len(judged), "chance": report.CHANCE}
+        self.tracker.log(self.step, {"colour_score_background": score["background"], "colour_score_shape": score["shape"]})
+        log.info("held-out colour score at step %d: the prompted background in %.0f%%, the prompted shape colour in %.0f%% "
+                 "of %d pictures of never-trained prompts (chance %.0f%%)", self.step, 100 * score["background"],
+                 100 * score["shape"], len(judged), 100 * report.CHANCE)
+        return list(rows.values())
+
+    def _quietly(self, what: str, work) -> None:
+        """Pictures and the report only show the run: a failure to draw one is a warning, never the run's end."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 (matplotlib, PIL, a full disk: training goes on)
+            log.warning("%s was not written (%s: %s); training goes on", what, type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
+
+    def _write_report(self) -> None:
+        self._quietly("output/report.html", lambda: report.write_report(self.output_dir, max_steps=self.max_steps))
 
     @contextlib.contextmanager
     def _ema_in_plain(self):
@@ -627,6 +673,10 @@ class Run:
         negative = cfg.validation_negative_prompt
         self.negative = text.load(text.negative_key(negative)) if negative and self.caches.prompts else self.empty
         self._start_eval()
+        if self.scores_colours and state.step == 0 and self._validation_round():  # the demo's score before training
+            raise self._stop_training()
+        if self.scores_colours and self.colour_score is None and self.is_main:  # resumed: the last score measured
+            self.colour_score = _last_colour_score(self.output_dir / "metrics.jsonl", state.step)
         setup, batches, consecutive_bad = self._step_setup(), self._batches(), 0
         samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
         bar = tqdm(total=self.max_steps, initial=state.step, disable=not self.is_main, unit="step", dynamic_ncols=True,
@@ -724,6 +774,7 @@ class Run:
                                                    "run_id": self.state.run_id, "config_hash": self._identity(),
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
                                                    "skipped_steps": self.state.nonfinite_total,
+                                                   **({"colour_score": self.colour_score} if self.colour_score else {}),
                                                    "distributed": {**self.ranks.summary(),
                                                                    "world_size": self.world,
                                                                    "strategy": self.cfg.distributed_strategy}})
@@ -736,16 +787,22 @@ class Run:
         if self.is_main:
             log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.caches.prompts))
             try:
-                images = self._validate()
+                pictures = self._validate()
                 self.vote.check()
                 if self.eval_logged[0] != self.step:  # measured once per step (a resumed run's start is this step)
                     eval_now = self.eval_loss()
                     self.tracker.log(self.step, {"eval_loss": eval_now})
                     self.eval_logged = (self.step, eval_now)
-                self.tracker.log_images(self.step, images)
+                rows = pictures.rows + (self._score_colours(pictures.extra) if pictures.extra else [])
+                self._quietly(f"the validation grid of step {self.step}", lambda: report.image_grid(
+                    rows, self.output_dir / "validation" / report.grid_name(self.step),
+                    f"step {self.step}: validation prompts" + (", then held-out prompts (never trained)" if pictures.extra else "")))
+                self.tracker.log_images(self.step, pictures.images)
+                self._write_run_json(status="training")
+                self._write_report()
             except Abandoned:
                 log.warning("validation at step %d abandoned: a stop was requested", self.step)
-            except (RuntimeError, MemoryError) as exc:  # e.g. out of memory at a large validation_resolution
+            except (RuntimeError, MemoryError, OSError) as exc:  # e.g. out of memory at a large validation_resolution
                 # Validation only shows progress: losing a round must not lose the run, or loop its restarts.
                 log.warning("validation at step %d failed and was skipped, training goes on (%s: %s); lower "
                             "validation_resolution or validation_num_inference_steps, or set validation_steps=0",
@@ -782,7 +839,8 @@ class Run:
         samples = validation.latest_images(self.output_dir / "validation")
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
-                                 eval_loss=self._eval_summary(), resume_history=self.state.resume_history)
+                                 eval_loss=self._eval_summary(), resume_history=self.state.resume_history,
+                                 colour_score=self.colour_score, report_link=self._report_link())
         ema, transformer = self.state.ema, self.state.transformer
         if not self.fsdp:
             ema_state = ema.to_state_dict_for_export(self.weight_dtype) if ema is not None else None
@@ -796,6 +854,16 @@ class Run:
         except Abandoned:
             raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
         self._write_run_json(status="finished")
+        self._write_report()
+
+    def _report_link(self) -> dict[str, str]:
+        """Where the model card links the report: beside final/ in the output folder, and under run/ in the Hub repo."""
+        from ..hub.upload import RUN_DIR
+
+        links = {"in the output folder, beside final/": f"../{report.REPORT}"}
+        if self.cfg.push_to_hub:
+            links["in the Hub repo"] = f"{RUN_DIR}/{report.REPORT}"
+        return links
 
     def _eval_summary(self) -> dict:
         return {"start": self.eval_start, "start_step": self.state.eval_first["step"], "end": self.eval_end, "end_step": self.step}
@@ -807,7 +875,8 @@ class Run:
 
 
 # What a run writes into output_dir (set aside as a whole when a fresh run starts there).
-RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json",
+RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json", report.REPORT,
+               report.PLOTS_DIR,
                "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER, ".hub-uploads.json",
                *(spec.folder for spec in tracking.TRACKERS.values() if spec.folder))
 
@@ -837,6 +906,17 @@ def _set_aside_earlier_run(output_dir: Path) -> None:
         os.replace(path, target / path.name)
     log.warning("resume_from_checkpoint=none: this output folder held an earlier run; its files (%s) were moved "
                 "to %s, nothing was deleted", ", ".join(sorted(p.name for p in earlier)), target)
+
+
+def _last_colour_score(metrics: Path, step: int) -> dict | None:
+    """The demo's colour score last logged at or before `step` (a resumed run's run.json keeps reporting it)."""
+    lines = [line for line in report.read_metrics(metrics) if "colour_score_shape" in line and line.get("step", 0) <= step]
+    if not lines:
+        return None
+    line = lines[-1]
+    prompts = len(demo.HELD_OUT)
+    return {"step": line["step"], "background": line["colour_score_background"], "shape": line["colour_score_shape"],
+            "prompts": prompts, "seeds": HELD_OUT_SEEDS, "pictures": prompts * HELD_OUT_SEEDS, "chance": report.CHANCE}
 
 
 def _dataset_summary(backend_id: str, samples: list) -> dict:

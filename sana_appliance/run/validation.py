@@ -41,6 +41,15 @@ def image_name(step: int, nickname: str, width: int, height: int) -> str:
     return f"step{step:07d}_{nickname}_{width}x{height}.png"
 
 
+@dataclass
+class Round:
+    """One validation round's pictures."""
+
+    images: dict[str, object]  # "<nickname>_<W>x<H>" -> PIL image, each also saved as a file
+    rows: list[list[tuple[object, str]]]  # the grid: one row per prompt, (image, caption) per tile
+    extra: dict[tuple[str, int], object]  # (prompt, seed) -> PIL image of the extra prompts (not saved as files)
+
+
 @torch.no_grad()
 def run_validation(
     *,
@@ -54,11 +63,16 @@ def run_validation(
     device: torch.device,
     dtype: torch.dtype,
     check: Callable[[], None] = lambda: None,
-) -> dict[str, object]:
-    """Generate every prompt at every validation resolution. Returns {name: PIL image}.
+    extra: list[PromptEmbeds] = (),
+    extra_size: tuple[int, int] = (64, 64),
+    extra_seeds: int = 1,
+) -> Round:
+    """Generate every prompt at every validation resolution (saved as files), then the `extra` prompts (the
+    demo's held-out captions) at `extra_size` with `extra_seeds` seeds each, in one batch.
 
-    `check` runs before each image and after each sampler step; it raises to abandon the
-    round (a stop request), leaving only the images finished before it."""
+    Every picture of (prompt, size, seed) starts from the same noise, drawn from its own generator
+    (validation_seed, +1, +2... for the extra seeds). `check` runs before each image and after each sampler
+    step; it raises to abandon the round (a stop request), leaving only the images finished before it."""
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -74,40 +88,53 @@ def run_validation(
         check()
         return tensors
 
-    images = {}
+    def noise(width: int, height: int, seed: int) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn((1, transformer.config.in_channels, height // parts.vae_scale_factor,
+                            width // parts.vae_scale_factor), generator=generator, dtype=torch.float32)
+
+    def render(items: list[PromptEmbeds], latents: torch.Tensor, width: int, height: int) -> list:
+        n = len(items)
+        return pipe(
+            prompt_embeds=torch.stack([item.embeds for item in items]).to(device, dtype),
+            prompt_attention_mask=torch.stack([item.mask for item in items]).to(device),
+            negative_prompt=None,
+            negative_prompt_embeds=empty[0][None].expand(n, -1, -1).to(device, dtype),
+            negative_prompt_attention_mask=empty[1][None].expand(n, -1).to(device),
+            guidance_scale=cfg.validation_guidance,
+            num_inference_steps=cfg.validation_num_inference_steps,
+            height=height, width=width, latents=latents.to(device, dtype),
+            use_resolution_binning=False, output_type="pil",
+            callback_on_step_end=after_step, callback_on_step_end_tensor_inputs=[],
+        ).images
+
+    images, rows, extra_images = {}, {item.nickname: [] for item in prompts}, {}
     devices = [device.index] if device.type == "cuda" and device.index is not None else []
     try:
         with torch.random.fork_rng(devices=devices):
             for width, height in parse_resolutions(cfg.validation_resolution):
                 for item in prompts:
                     check()
-                    generator = torch.Generator("cpu").manual_seed(cfg.validation_seed)
-                    latents = torch.randn(
-                        (1, transformer.config.in_channels, height // parts.vae_scale_factor, width // parts.vae_scale_factor),
-                        generator=generator, dtype=torch.float32,
-                    ).to(device, dtype)
-                    result = pipe(
-                        prompt_embeds=item.embeds[None].to(device, dtype),
-                        prompt_attention_mask=item.mask[None].to(device),
-                        negative_prompt=None,
-                        negative_prompt_embeds=empty[0][None].to(device, dtype),
-                        negative_prompt_attention_mask=empty[1][None].to(device),
-                        guidance_scale=cfg.validation_guidance,
-                        num_inference_steps=cfg.validation_num_inference_steps,
-                        height=height, width=width, latents=latents,
-                        use_resolution_binning=False, output_type="pil",
-                        callback_on_step_end=after_step, callback_on_step_end_tensor_inputs=[],
-                    )
-                    image = result.images[0]
+                    image = render([item], noise(width, height, cfg.validation_seed), width, height)[0]
                     name = image_name(step, item.nickname, width, height)
                     with atomic_path(out_dir / name) as tmp:
                         image.save(tmp, format="PNG")
                     images[f"{item.nickname}_{width}x{height}"] = image
+                    rows[item.nickname].append((image, f"{item.prompt}\n{item.nickname}, {width}x{height}"))
+            if extra:
+                check()
+                width, height = extra_size
+                jobs = [(item, cfg.validation_seed + k) for item in extra for k in range(extra_seeds)]
+                pictures = render([item for item, _ in jobs],
+                                  torch.cat([noise(width, height, seed) for _, seed in jobs]), width, height)
+                for (item, seed), image in zip(jobs, pictures):
+                    extra_images[(item.prompt, seed)] = image
     finally:
         transformer.train(was_training)
         parts.vae.to(vae_device)
-    log.info("validation at step %d: %d images in %s", step, len(images), out_dir)
-    return images
+    log.info("validation at step %d: %d images in %s%s", step, len(images), out_dir,
+             f", and {len(extra_images)} of held-out prompts" if extra_images else "")
+    return Round(images, [row for row in rows.values() if row], extra_images)
 
 
 def encode_validation_prompts(prompts: dict[str, str], text_cache) -> list[PromptEmbeds]:
@@ -126,4 +153,4 @@ def latest_images(out_dir: Path) -> list[Path]:
     return [f for f in files if f.name.startswith(last_step + "_")]
 
 
-__all__ = ["load_prompts", "run_validation", "encode_validation_prompts", "image_name", "latest_images"]
+__all__ = ["Round", "load_prompts", "run_validation", "encode_validation_prompts", "image_name", "latest_images"]
