@@ -149,3 +149,34 @@ def test_gpu_config_fsdp_units_are_the_memory_models():
     units = [sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in names]
     assert max(units) == gpu.SANA_1600M_BLOCK_PARAMETERS
     assert gpu.SANA_1600M_PARAMETERS - sum(units) == gpu.SANA_1600M_ROOT_PARAMETERS
+
+
+def test_appliance_benchmark_tiny_runs_the_real_cli_per_preset_and_reads_its_records(tmp_path, capsys):
+    """The issue-14 GPU script's logic on CPU: each preset through entrypoint.py, numbers from run.json and
+    metrics.jsonl (samples/s after warm-up, memory by phase, cache rates, checkpoint and validation times)."""
+    from sana_appliance.benchmarks import appliance
+
+    out = tmp_path / "a.json"
+    code = appliance.main(["--tiny", "--presets", "24g", "lowest-vram", "fsdp", "--steps", "6", "--root",
+                           str(tmp_path / "root"), "--out", str(out)])
+    summary = json.loads(out.read_text())
+    assert code == 0, [r.get("log_tail") for r in summary["results"]]
+    by = {r["preset"]: r for r in summary["results"]}
+    assert sorted(by) == ["24g", "fsdp", "lowest-vram"]
+    assert by["24g"]["optimizer"] == "optimi-adamw" and by["lowest-vram"]["optimizer"] == "bnb-lion8bit-paged"
+    assert by["fsdp"]["strategy"] == "fsdp" and by["fsdp"]["optimizer"] == "adamw"
+    for r in by.values():
+        assert r["exit_code"] == 0 and r["samples_per_s"] > 0 and r["mfu"] > 0
+        assert r["allocator_peak_gib"]["caching_peak_gib"] > 0 and r["allocator_peak_gib"]["training_peak_gib"] > 0
+        assert r["cache_latents_per_s"] > 0 and r["cache_text_per_s"] > 0
+        assert r["checkpoint_save_s"] is not None and r["validation_s"] is not None
+    assert "samples/s" in capsys.readouterr().out
+    # Each preset built its own caches in its own workspace; the model folder was shared.
+    assert all(by[name]["caches"]["latent_encoded"] > 0 for name in by)
+    assert [p.name for p in (tmp_path / "root" / "models-cache" / "models").iterdir() if p.is_dir()] == ["tiny-sana-v4"]
+
+
+def test_appliance_benchmark_without_cuda_says_so_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "sana_appliance.benchmarks.appliance"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "no CUDA device" in proc.stdout

@@ -49,18 +49,16 @@ from pathlib import Path
 
 import torch
 
+from ..model.parts import SANA_1600M_CONFIG
 from . import write_json
 
 PRESETS = ("24g", "lowest-vram", "multi-gpu")
 GIB = 2**30
 VRAM_BUDGET_GIB = 12.0
 
-# Sana 1.6B (Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers transformer config).
-SANA_1600M = dict(
-    in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
-    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
-    mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=False,
-)
+# Sana 1.6B (Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers transformer config): the one the
+# real-size built-in model (builtin:sana-1600m-random) is built with.
+SANA_1600M = SANA_1600M_CONFIG
 SANA_1600M_PARAMETERS = 1_604_462_752  # of SANA_1600M (tested); the memory model's count
 # FSDP units of SANA_1600M (tested): a SanaTransformerBlock, and what the root module keeps (embeddings,
 # caption projection, output layers).

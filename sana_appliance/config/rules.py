@@ -10,6 +10,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .. import tracking
+from ..model import BUILTIN_MODELS
 from .schema import field_map
 
 if TYPE_CHECKING:
@@ -89,6 +90,9 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
         if cfg["mixed_precision"] == "fp16":
             say("mixed_precision", "distributed_strategy=fsdp does not support fp16 (its loss scaler's overflow check "
                 "is not agreed across shards): use mixed_precision: bf16")
+    model = str(cfg["pretrained_model_name_or_path"])
+    if model.startswith("builtin:") and model not in BUILTIN_MODELS:
+        say("pretrained_model_name_or_path", f"no such built-in model; the built-in ones are {', '.join(BUILTIN_MODELS)}")
     if cfg["max_train_steps"] == 0 and cfg["num_train_epochs"] == 0:
         say("max_train_steps", "max_train_steps and num_train_epochs are both 0: set one, e.g. max_train_steps: 1000")
     try:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import tracking
-from ..model import BUILTIN_MODEL
+from ..model import BUILTIN_MODEL, BUILTIN_RANDOM
 from ..model.optimizers import ALIASES, LR_SCHEDULERS, OPTIMIZERS
 
 REAL_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers"
@@ -41,7 +41,8 @@ class TrainConfig:
     pretrained_model_name_or_path: str = _opt(
         REAL_MODEL,
         "Base model: a Hub repo id (diffusers layout), a local folder, or "
-        f"`{BUILTIN_MODEL}` (the demo's tiny model, built in code).",
+        f"`{BUILTIN_MODEL}` (the demo's tiny model, built in code), or `{BUILTIN_RANDOM}` (Sana 1.6B at real size "
+        "with random weights, built on the run's device: for benchmarks, it draws noise).",
     )
     revision: str = _opt(
         "main",

@@ -125,6 +125,27 @@ def ensure_demo_dataset(workspace: Workspace) -> Path:
     return root
 
 
+def write_shapes(folder: Path, *, count: int, size: int, seed: int = 0) -> Path:
+    """`count` pictures of the demo's kind at `size` px with textfile captions, for real-size runs (the GPU
+    benchmark): the shapes over a lightly noisy background, so the VAE sees more than flat colour. Atomic."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    with atomic_folder(folder, existing="keep", is_complete=lambda f: (f / "DONE").is_file()) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            shape, colour, background = rng.choice(_combos())
+            small = _draw(shape, colour, background, rng)
+            big = np.asarray(small.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+            big += noise.normal(0.0, 6.0, big.shape)
+            stem = f"{index:04d}_{colour}_{shape}_on_{background}"
+            Image.fromarray(np.clip(big, 0, 255).astype(np.uint8)).save(tmp / f"{stem}.png", format="PNG")
+            (tmp / f"{stem}.txt").write_text(caption_of(shape, colour, background) + "\n", encoding="utf-8")
+        (tmp / "DONE").write_text(json.dumps({"count": count, "size": size, "seed": seed}) + "\n", encoding="utf-8")
+    return folder
+
+
 def demo_config_entries(workspace: Workspace) -> list[dict]:
     """The demo as multidatabackend.json entries (what a user would write for it)."""
     return [

@@ -7,11 +7,13 @@ loaded like a downloaded one, so the real loading code runs in every test.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import string
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.errors import AssetError, ConfigError
 from ..core.fsutil import atomic_folder
-from . import BUILTIN_MODEL
+from . import BUILTIN_MODEL, BUILTIN_RANDOM
 
 log = logging.getLogger(__name__)
 
@@ -187,22 +189,120 @@ def tiny_vae():
     return vae
 
 
+# ---------------------------------------------------------------- Sana 1.6B at real size, random weights
+
+RANDOM_VERSION = "v1"
+# Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers's transformer (1,604,462,752 parameters, tested).
+SANA_1600M_CONFIG = dict(
+    in_channels=32, out_channels=32, num_attention_heads=70, attention_head_dim=32, num_layers=20,
+    num_cross_attention_heads=20, cross_attention_head_dim=112, cross_attention_dim=2240, caption_channels=2304,
+    mlp_ratio=2.5, sample_size=32, patch_size=1, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=False,
+)
+# DC-AE f32c32 (mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers, as diffusers' conversion script configures it):
+# 32x spatial compression, 32 latent channels; 312,250,275 parameters (tested).
+DCAE_F32C32_CONFIG = dict(
+    in_channels=3, latent_channels=32, attention_head_dim=32,
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024), decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
+    encoder_layers_per_block=(2, 2, 2, 3, 3, 3), decoder_layers_per_block=(3, 3, 3, 3, 3, 3),
+    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)), decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+    downsample_block_type="conv", upsample_block_type="interpolate", scaling_factor=0.41407,
+)
+# google/gemma-2-2b's architecture (Gemma2Model, as Sana's text_encoder): 2,614,341,888 parameters (tested).
+GEMMA2_2B_CONFIG = dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, max_position_embeddings=8192, sliding_window=4096, query_pre_attn_scalar=256,
+    final_logit_softcapping=30.0, attn_logit_softcapping=50.0, rms_norm_eps=1e-6, rope_theta=10000.0,
+    hidden_activation="gelu_pytorch_tanh", pad_token_id=0, bos_token_id=2, eos_token_id=1,
+)
+
+
+@contextlib.contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype):
+    """New modules are allocated and initialised on `device` in `dtype` (a 1.6B init takes a second on a GPU)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_sana(dest: Path, device: torch.device, seed: int = 0, configs: dict | None = None) -> None:
+    """Sana at real size with random weights, in diffusers layout (atomic): the 1.6B transformer and Gemma-2-2b in
+    bf16, the DC-AE in fp32, the demo's offline tokenizer (captions spelled in letters: the token count, padded
+    to tokenizer_max_length, is what the compute depends on) and Sana's scheduler config. Each part is built on
+    `device`, saved and freed before the next, so the peak is the largest part (Gemma-2: 5.2 GB in bf16).
+    `configs` ({"transformer", "vae", "text_encoder"}) replaces the real sizes, for tests on a CPU."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    configs = {"transformer": SANA_1600M_CONFIG, "vae": DCAE_F32C32_CONFIG, "text_encoder": GEMMA2_2B_CONFIG,
+               **(configs or {})}
+    builders = {
+        "transformer": (torch.bfloat16, lambda: SanaTransformer2DModel(**configs["transformer"])),
+        "vae": (torch.float32, lambda: AutoencoderDC(**configs["vae"])),
+        "text_encoder": (torch.bfloat16, lambda: Gemma2Model(Gemma2Config(**configs["text_encoder"]))),
+    }
+    with atomic_folder(dest, existing="keep", is_complete=_complete_pipeline) as tmp:
+        for offset, (name, (dtype, build)) in enumerate(builders.items()):
+            torch.manual_seed(seed + offset)
+            with _building_on(device, dtype):
+                module = build()
+            if name == "text_encoder":  # see build_tiny_sana: this rank builds its disk's copy
+                module.should_save_on_this_rank = lambda is_main_process: is_main_process
+            module.save_pretrained(tmp / name, safe_serialization=True)
+            del module
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        _tiny_tokenizer().save_pretrained(tmp / "tokenizer")
+        DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                    flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2,
+                                    ).save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "SanaPipeline", "_diffusers_version": _diffusers_version(),
+            "scheduler": ["diffusers", "DPMSolverMultistepScheduler"], "text_encoder": ["transformers", "Gemma2Model"],
+            "tokenizer": ["transformers", "GemmaTokenizer"], "transformer": ["diffusers", "SanaTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderDC"]}, indent=2) + "\n")
+        if not _complete_pipeline(tmp):
+            raise RuntimeError(f"building {BUILTIN_RANDOM} wrote an incomplete folder {tmp}: a part has no weights")
+        (tmp / "BUILT_BY_SANA_APPLIANCE.json").write_text(
+            json.dumps({"model": BUILTIN_RANDOM, "version": RANDOM_VERSION, "seed": seed}))
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__
+
+
 def _complete_pipeline(folder: Path) -> bool:
     """model_index.json and weights in every part that has them (not merely the folder names)."""
     return (folder / "model_index.json").is_file() and all(
         any((folder / part).glob("*.safetensors")) for part in ("transformer", "vae", "text_encoder"))
 
 
-def builtin_model_path(cache_dir: Path) -> Path:
-    """Build the tiny model once under the cache; later calls return the saved folder."""
+def builtin_model_path(cache_dir: Path, spec: str = BUILTIN_MODEL, device: torch.device | None = None) -> Path:
+    """Build a built-in model once under the cache; later calls return the saved folder."""
     from filelock import FileLock
 
-    dest = cache_dir / "models" / f"tiny-sana-{TINY_VERSION}"
+    name = f"tiny-sana-{TINY_VERSION}" if spec == BUILTIN_MODEL else f"sana-1600m-random-{RANDOM_VERSION}"
+    dest = cache_dir / "models" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):  # one rank builds, the others wait and load
         if not _complete_pipeline(dest):
-            log.info("building the built-in tiny Sana at %s", dest)
-            build_tiny_sana(dest)
+            if spec == BUILTIN_MODEL:
+                log.info("building the built-in tiny Sana at %s", dest)
+                build_tiny_sana(dest)
+            else:
+                device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                log.info("building %s (random weights, real size: 1.6B transformer, DC-AE f32c32, Gemma-2-2b) on %s "
+                         "at %s", spec, device, dest)
+                started = time.monotonic()
+                build_random_sana(dest, device)
+                log.info("built %s in %.1f s", spec, time.monotonic() - started)
     return dest
 
 
@@ -299,12 +399,12 @@ def _load_nf4_text_encoder(path: Path, cfg, device: torch.device):
     return encoder
 
 
-def locate_model(spec: str, revision: str, resolved) -> tuple[Path, dict]:
+def locate_model(spec: str, revision: str, resolved, device: torch.device | None = None) -> tuple[Path, dict]:
     """Find the model folder for `spec`: built-in, local folder, or Hub (via the assets module).
     Returns (folder, provenance dict for run.json)."""
-    if spec == BUILTIN_MODEL:
-        path = builtin_model_path(resolved.workspace.cache_dir)
-        return path, {"kind": "builtin", "name": spec, "version": TINY_VERSION}
+    if spec in (BUILTIN_MODEL, BUILTIN_RANDOM):
+        path = builtin_model_path(resolved.workspace.cache_dir, spec, device)
+        return path, {"kind": "builtin", "name": spec, "version": TINY_VERSION if spec == BUILTIN_MODEL else RANDOM_VERSION}
     from ..hub import download as assets
 
     source = assets.fetch_model(spec, revision, resolved.workspace, resolved.hub, resolved.credentials)

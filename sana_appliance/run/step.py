@@ -52,7 +52,7 @@ def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas:
             vae = setup.parts.vae.to(setup.device)
             latents = vae.encode(batch["pixels"].to(setup.device, torch.float32)).latent * vae.config.scaling_factor
     else:
-        latents = batch["latents"].to(setup.device, torch.float32)
+        latents = batch["latents"].to(setup.device, torch.float32, non_blocking=True)  # pinned by the DataLoader
     embeds, mask = batch["embeds"], batch["mask"]
     n = latents.shape[0]
     # Draws for the global batch; this rank's are rows [lo, hi). (Eval passes its own sigmas and one rank.)
@@ -67,12 +67,18 @@ def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas:
     if sigmas is None:
         h, w = latents.shape[-2] * setup.parts.vae_scale_factor, latents.shape[-1] * setup.parts.vae_scale_factor
         sigmas = setup.schedule.sample_sigmas(n * world, generator, setup.schedule.shift_for(h, w))[lo:hi]
-    noise = torch.randn((n * world, *latents.shape[1:]), generator=generator, dtype=torch.float32)[lo:hi].to(setup.device)
-    sigmas = sigmas.to(setup.device)
+    noise = torch.randn((n * world, *latents.shape[1:]), generator=generator, dtype=torch.float32)[lo:hi]
+    if setup.device.type == "cuda":  # drawn on the CPU (the generator is saved in checkpoints); copied without a wait
+        noise = noise.pin_memory()
+        sigmas = sigmas.pin_memory() if sigmas.device.type == "cpu" else sigmas
+    noise = noise.to(setup.device, non_blocking=True)
+    sigmas = sigmas.to(setup.device, non_blocking=True)
     noisy, target = setup.schedule.noisy_and_target(latents, noise, sigmas)
     with torch.autocast(setup.device.type, dtype=setup.compute_dtype, enabled=setup.compute_dtype != torch.float32):
-        pred = setup.model(noisy.to(setup.weight_dtype), encoder_hidden_states=embeds.to(setup.device, setup.weight_dtype),
-                           encoder_attention_mask=mask.to(setup.device), timestep=sigmas * 1000, return_dict=False)[0]
+        pred = setup.model(noisy.to(setup.weight_dtype),
+                           encoder_hidden_states=embeds.to(setup.device, setup.weight_dtype, non_blocking=True),
+                           encoder_attention_mask=mask.to(setup.device, non_blocking=True), timestep=sigmas * 1000,
+                           return_dict=False)[0]
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 

@@ -74,6 +74,9 @@ class Run:
         t0 = time.monotonic()
         self._fill_caches()
         self.timings["cache_s"] = time.monotonic() - t0
+        self.memory = {"caching_peak_gib": round(runinfo.peak_memory_gib(self.device), 3)}
+        if self.device.type == "cuda":  # from here the allocator's peak is the training phase's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._build_state(generator)
 
     def _start_process(self) -> torch.Generator:
@@ -187,7 +190,8 @@ class Run:
 
         cfg = self.cfg
         with self.ranks.fetchers_first():  # one rank per disk downloads or builds; the others then find it there
-            model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved)
+            model_path, self.model_info = models.locate_model(cfg.pretrained_model_name_or_path, cfg.revision, self.resolved,
+                                                                 self.device)
         identity = models.model_identity(self.model_info)
         self.parts = models.load_parts(model_path, identity, self.weight_dtype)
         self.schedule = FlowSchedule.from_config(cfg, self.parts.scheduler_config)
@@ -703,14 +707,16 @@ class Run:
                 loss = loss.detach().clone()
                 torch.distributed.all_reduce(loss)
                 loss = loss / self.world
-            metrics = {"loss": float(loss), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
-                       "samples_per_s": samples_per_step * steps_run / max(time.monotonic() - t_loop, 1e-9),
-                       "skipped_steps": state.nonfinite_total, "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", sps=f"{metrics['samples_per_s']:.1f}",
-                            mem=f"{metrics['peak_mem_gib']:.1f}G", refresh=False)
-            if self.is_main and state.step % cfg.logging_steps == 0:
-                self.tracker.log(state.step, metrics)
+            if state.step % cfg.logging_steps == 0:  # loss and grad norm are read back from the device only here
+                elapsed = time.monotonic() - t_loop
+                metrics = {"loss": float(loss), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
+                           "samples_per_s": samples_per_step * steps_run / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 4),
+                           "skipped_steps": state.nonfinite_total, "peak_mem_gib": runinfo.peak_memory_gib(self.device)}
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                sps=f"{metrics['samples_per_s']:.1f}", mem=f"{metrics['peak_mem_gib']:.1f}G", refresh=False)
+                if self.is_main:
+                    self.tracker.log(state.step, metrics)
             if self.uploads is not None and cfg.hub_sync_interval_s and \
                     time.monotonic() - self._progress_at >= cfg.hub_sync_interval_s:
                 self._queue_progress()
@@ -774,6 +780,8 @@ class Run:
                                                    "run_id": self.state.run_id, "config_hash": self._identity(),
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
                                                    "skipped_steps": self.state.nonfinite_total,
+                                                   "memory": {**getattr(self, "memory", {}), "training_peak_gib": round(
+                                                       runinfo.peak_memory_gib(self.device), 3)},
                                                    **({"colour_score": self.colour_score} if self.colour_score else {}),
                                                    "distributed": {**self.ranks.summary(),
                                                                    "world_size": self.world,
@@ -786,6 +794,7 @@ class Run:
         self._gather_full()
         if self.is_main:
             log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.caches.prompts))
+            started = time.monotonic()
             try:
                 pictures = self._validate()
                 self.vote.check()
@@ -798,6 +807,7 @@ class Run:
                     rows, self.output_dir / "validation" / report.grid_name(self.step),
                     f"step {self.step}: validation prompts" + (", then held-out prompts (never trained)" if pictures.extra else "")))
                 self.tracker.log_images(self.step, pictures.images)
+                self.timings["last_validation_s"] = round(time.monotonic() - started, 3)
                 self._write_run_json(status="training")
                 self._write_report()
             except Abandoned:
