@@ -158,7 +158,7 @@ def test_appliance_benchmark_tiny_runs_the_real_cli_per_preset_and_reads_its_rec
 
     out = tmp_path / "a.json"
     code = appliance.main(["--tiny", "--presets", "24g", "lowest-vram", "fsdp", "--steps", "6", "--root",
-                           str(tmp_path / "root"), "--out", str(out)])
+                           str(tmp_path / "root"), "--out", str(out), "--log", str(tmp_path / "runs.log")])
     summary = json.loads(out.read_text())
     assert code == 0, [r.get("log_tail") for r in summary["results"]]
     by = {r["preset"]: r for r in summary["results"]}
@@ -170,7 +170,12 @@ def test_appliance_benchmark_tiny_runs_the_real_cli_per_preset_and_reads_its_rec
         assert r["allocator_peak_gib"]["caching_peak_gib"] > 0 and r["allocator_peak_gib"]["training_peak_gib"] > 0
         assert r["cache_latents_per_s"] > 0 and r["cache_text_per_s"] > 0
         assert r["checkpoint_save_s"] is not None and r["validation_s"] is not None
+        # The heavy outputs are gone (the next preset needs the disk); the records stay.
+        output = tmp_path / "root" / r["preset"] / "output"
+        assert not (output / "checkpoints").exists() and not (output / "final").exists()
+        assert (output / "run.json").is_file() and r["disk_free_gib"] > 0
     assert "samples/s" in capsys.readouterr().out
+    assert all(f"===== {name} (exit 0" in (tmp_path / "runs.log").read_text() for name in by)
     # Each preset built its own caches in its own workspace; the model folder was shared.
     assert all(by[name]["caches"]["latent_encoded"] > 0 for name in by)
     assert [p.name for p in (tmp_path / "root" / "models-cache" / "models").iterdir() if p.is_dir()] == ["tiny-sana-v4"]

@@ -382,6 +382,26 @@ def test_ema_is_fp32_exact_decay_and_tracks_bf16_weights():
     assert ema.num_updates == 10
 
 
+def test_ema_update_in_groups_equals_one_lerp_per_parameter(monkeypatch):
+    """The grouped foreach update (bf16 weights upcast a group at a time) computes what lerp_ per tensor does."""
+    from sana_appliance.model import ema as ema_module
+
+    model = tiny_sana(torch.bfloat16)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.01 * (i % 7))
+    reference, grouped = EMA(model, decay=0.9), EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    for name, p in model.named_parameters():
+        reference.shadow[name].lerp_(p.detach().float(), 0.1)
+    monkeypatch.setattr(ema_module, "UPDATE_GROUP_BYTES", 4096)  # many small groups
+    grouped.update(model)
+    assert not all(torch.equal(grouped.shadow[n], EMA(model, decay=0.9).shadow[n]) for n in grouped.shadow)
+    assert all(torch.equal(grouped.shadow[n], reference.shadow[n]) for n in reference.shadow)
+
+
 def test_ema_swapped_into_restores_training_weights_exactly():
     model = tiny_sana(torch.bfloat16)
     ema = EMA(model, decay=0.5)

@@ -1,6 +1,6 @@
 """The whole appliance at real size, per preset, on one GPU: the issue-14 GPU run.
 
-    python -m sana_appliance.benchmarks.appliance --out appliance.json                # H100/H200, ~8 min
+    python -m sana_appliance.benchmarks.appliance --out appliance.json                # H100/H200 (estimated 5-8 min)
     python -m sana_appliance.benchmarks.appliance --tiny --out tiny.json              # its logic on CPU, ~2 min
     bash scripts/gpu-session.sh                                                       # on a lent GPU machine
 
@@ -149,7 +149,10 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
         baseline = watch.samples[-1][1] if watch.samples else 0
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, str(ROOT / "entrypoint.py")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        # A preset that runs past its share of the time is stopped like a preemption (SIGTERM, then SIGKILL).
+        timer = threading.Timer(args.preset_timeout, _stop, (proc,))
+        timer.start()
         for line in proc.stdout:
             lines.append(line.rstrip())
             now = time.monotonic()
@@ -158,16 +161,29 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
                 if marker in line and key not in marks:
                     marks[key] = now
         code = proc.wait()
+        timer.cancel()
         wall = time.monotonic() - started
-    result = {"preset": name, "exit_code": code, "wall_s": round(wall, 1)}
+    if args.log is not None:
+        with open(args.log, "a", encoding="utf-8") as log:
+            log.write(f"===== {name} (exit {code}, {wall:.1f} s)\n" + "\n".join(lines) + "\n")
+    result = {"preset": name, "exit_code": code, "wall_s": round(wall, 1),
+              "timed_out": wall >= args.preset_timeout}
+    if code != 0:
+        oom = any("out of memory" in line.lower() for line in lines[-60:])
+        result.update(error="out of memory" if oom else ("timed out" if result["timed_out"] else "failed"),
+                      log_tail=lines[-12:])
     run_file = output / "run.json"
-    if code != 0 or not run_file.is_file():
-        oom = any("out of memory" in line.lower() for line in lines[-40:])
-        result.update(error="out of memory" if oom else "failed", log_tail=lines[-12:])
+    if not run_file.is_file() or not (output / "metrics.jsonl").is_file():
+        result.setdefault("error", "no run.json")
         return result
-    run = json.loads(run_file.read_text())
+    run = json.loads(run_file.read_text())  # a run that failed late (export, disk) still measured its steps
     cfg = run["config"]
-    metrics = [json.loads(raw) for raw in (output / "metrics.jsonl").read_text().splitlines() if raw.strip()]
+    metrics = []
+    for raw in (output / "metrics.jsonl").read_text().splitlines():
+        try:
+            metrics.append(json.loads(raw))
+        except ValueError:
+            pass
     steps = [m for m in metrics if "elapsed_s" in m and m["step"] > args.warmup]
     per_step = cfg["train_batch_size"] * cfg["gradient_accumulation_steps"]
     samples_per_s = None
@@ -202,8 +218,28 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
         caches=caches, checkpoint_save_s=timings.get("last_checkpoint_save_s"),
         validation_s=timings.get("last_validation_s"), setup_s=timings.get("setup_s"), cache_s=timings.get("cache_s"),
         train_s=timings.get("train_s"), eval_loss=run.get("eval_loss"),
+        output_gib=round(sum(f.stat().st_size for f in output.rglob("*") if f.is_file()) / GIB, 2),
     )
+    # The next preset needs the disk: checkpoints, export and single-file weights go (the records stay).
+    for heavy in ("checkpoints", "final"):
+        shutil.rmtree(output / heavy, ignore_errors=True)
+    for single in output.glob("transformer*.safetensors"):
+        single.unlink(missing_ok=True)
+    result["disk_free_gib"] = round(shutil.disk_usage(root).free / GIB, 1)
     return result
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the run's process group (it saves and exits 143), SIGKILL 60 s later if it is still there."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def environment() -> dict:
@@ -232,7 +268,8 @@ def report(results: list[dict]) -> None:
     for r in results:
         if "error" in r:
             print(f"  {r['preset']:<12} {r['error']} (exit {r['exit_code']}): " + " | ".join(r.get("log_tail", [])[-3:]))
-            continue
+            if "samples_per_s" not in r:
+                continue
         mem, dev = r["allocator_peak_gib"], r["device_peak_gib"]
         print(f"  {r['preset']:<12} batch {r['batch']:<5} {r['samples_per_s'] or 0:8.2f} samples/s  MFU "
               f"{100 * (r['mfu'] or 0):5.1f}%  HFU {100 * (r['hfu'] or 0):5.1f}%  allocator peak caching "
@@ -245,13 +282,16 @@ def report(results: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--steps", type=int, default=30, help="training steps per preset (default 30)")
+    parser.add_argument("--steps", type=int, default=50, help="training steps per preset (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of samples/s (default 5)")
     parser.add_argument("--images", type=int, default=64, help="generated training images (default 64)")
     parser.add_argument("--validation-steps", type=int, default=8, help="sampler steps of the validation round")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--root", type=Path, help="work folder (default: a temporary one, removed at the end)")
-    parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON (rewritten after each preset)")
+    parser.add_argument("--log", type=Path, help="append every run's whole log here")
+    parser.add_argument("--preset-timeout", type=float, default=170.0,
+                        help="seconds one preset may take before it is stopped like a preemption (default 170)")
     parser.add_argument("--tiny", action="store_true", help="the tiny built-in model at 64px on CPU: checks the logic")
     args = parser.parse_args(argv)
     args.size = 64 if args.tiny else 1024
@@ -280,14 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"appliance benchmark: {'tiny model on CPU (numbers meaningless)' if args.tiny else 'Sana 1.6B, random weights, 1024px'}; "
               f"{args.steps} steps per preset; model built in {built['build_s']} s", flush=True)
         results = []
+        env_info = environment()
         for name in args.presets:
             results.append(run_preset(name, root, config, args))
             report(results[-1:])
             sys.stdout.flush()
-        summary = {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}, **built,
-                   "total_s": round(time.monotonic() - started, 1), "results": results}
-        if args.out:
-            write_json(args.out, summary)
+            if args.out:  # after every preset: a kill of the whole script keeps what was measured
+                write_json(args.out, {"environment": env_info, "args": {k: str(v) for k, v in vars(args).items()},
+                                      **built, "total_s": round(time.monotonic() - started, 1), "results": results})
         return 0 if all("error" not in r for r in results) else 1
     finally:
         if temp is not None:

@@ -18,6 +18,7 @@ import torch
 from ..core.errors import ConfigError
 
 SHADOW_PREFIX = "shadow."
+UPDATE_GROUP_BYTES = 256 * 2**20  # fp32 copies of bf16 weights alive at once during an update
 
 
 class EMA:
@@ -48,12 +49,20 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """shadow = decay * shadow + (1 - decay) * weight, in fp32. Call after each optimizer step."""
-        shadows, weights = [], []
+        # Fused kernels over groups of tensors instead of one lerp per parameter (DTensor shards included). bf16
+        # weights are upcast for it: in groups of at most UPDATE_GROUP_BYTES of fp32 copies, not all at once.
+        shadows, weights, copied = [], [], 0
         for shadow, p in self._pairs(model):
+            weight = p.detach().to(device=shadow.device, dtype=torch.float32)  # no copy when already fp32 there
             shadows.append(shadow)
-            weights.append(p.detach().to(device=shadow.device, dtype=torch.float32))  # no copy when already fp32 there
-        # One fused kernel per group of tensors instead of one lerp per parameter (DTensor shards included).
-        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+            weights.append(weight)
+            if p.dtype != torch.float32 or p.device != shadow.device:  # an upcast copy was made
+                copied += weight.numel() * 4
+            if copied >= UPDATE_GROUP_BYTES:
+                torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+                shadows, weights, copied = [], [], 0
+        if shadows:
+            torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
         self.num_updates += 1
 
     @torch.no_grad()

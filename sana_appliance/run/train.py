@@ -76,6 +76,7 @@ class Run:
         self.timings["cache_s"] = time.monotonic() - t0
         self.memory = {"caching_peak_gib": round(runinfo.peak_memory_gib(self.device), 3)}
         if self.device.type == "cuda":  # from here the allocator's peak is the training phase's
+            torch.cuda.empty_cache()  # what caching held goes back to the device, not kept for the loop
             torch.cuda.reset_peak_memory_stats(self.device)
         self._build_state(generator)
 
@@ -729,6 +730,8 @@ class Run:
                 raise self._stop_training()
         bar.close()
         self.timings["train_s"] = time.monotonic() - t_loop
+        # The loop's peak (validation rounds inside it included); finish()'s validation and export come after.
+        self.memory["training_peak_gib"] = round(runinfo.peak_memory_gib(self.device), 3)
 
     @property
     def vote(self) -> StopVote:
@@ -780,8 +783,7 @@ class Run:
                                                    "run_id": self.state.run_id, "config_hash": self._identity(),
                                                    "resume_history": self.state.resume_history, "caches": self.caches.stats,
                                                    "skipped_steps": self.state.nonfinite_total,
-                                                   "memory": {**getattr(self, "memory", {}), "training_peak_gib": round(
-                                                       runinfo.peak_memory_gib(self.device), 3)},
+                                                   "memory": getattr(self, "memory", {}),
                                                    **({"colour_score": self.colour_score} if self.colour_score else {}),
                                                    "distributed": {**self.ranks.summary(),
                                                                    "world_size": self.world,
