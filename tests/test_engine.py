@@ -153,6 +153,9 @@ def test_nonfinite_steps_are_skipped_then_exit_5(demo_run, shared_workspace, tmp
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert (ckpt / "COMPLETE").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["nonfinite_total"] == 2
+    # The demo's fused AdamW skips on the device; the host then held the schedule and the EMA count back.
+    assert torch.load(ckpt / "lr_scheduler.pt", weights_only=False)["last_epoch"] == 0
+    assert torch.load(ckpt / "ema_meta.pt", weights_only=False)["num_updates"] == 0
     # Skipped means skipped: the checkpoint holds the untouched base weights.
     weights = load_file(ckpt / "transformer.safetensors")
     base = load_file(builtin_model_path(ws / "cache") / "transformer" / "diffusion_pytorch_model.safetensors")

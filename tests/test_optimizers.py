@@ -33,6 +33,8 @@ from sana_appliance.model.optimizers import (
     build_optimizer,
     fixed_bytes_per_param,
     optimizer_state_bytes_per_param,
+    skips_on_device,
+    step_unless,
     weight_dtype,
 )
 from sana_appliance.model.precision import ExtendedPrecision
@@ -400,6 +402,88 @@ def test_ema_update_in_groups_equals_one_lerp_per_parameter(monkeypatch):
     grouped.update(model)
     assert not all(torch.equal(grouped.shadow[n], EMA(model, decay=0.9).shadow[n]) for n in grouped.shadow)
     assert all(torch.equal(grouped.shadow[n], reference.shadow[n]) for n in reference.shadow)
+
+
+def _tensors_of(obj) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict, in a fixed order."""
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k in sorted(obj, key=str) for t in _tensors_of(obj[k])]
+    if isinstance(obj, (list, tuple)):
+        return [t for x in obj for t in _tensors_of(x)]
+    return []
+
+
+def _same_bits(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adamw_skips_a_nonfinite_step_on_the_device_bit_exactly(dtype):
+    """adamw is fused (in bf16: inside ExtendedPrecision), so a non-finite step is skipped by the kernel from
+    a flag on the device, with no host sync: with NaN gradients and found_inf=1 the weights, the optimizer state
+    and the residuals keep every bit. With found_inf=0 it is a plain step. In fp32 the run then goes on exactly
+    as one that never saw the skipped step; in bf16 only the rounding stream moved on."""
+    import copy
+
+    cfg = dataclasses.replace(TrainConfig(), optimizer="adamw", learning_rate=1e-3,
+                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    skipping, plain = tiny_sana(dtype), tiny_sana(dtype)
+    opts = [build_optimizer(cfg, m.parameters()) for m in (skipping, plain)]
+    assert all(skips_on_device(o) for o in opts)
+    assert isinstance(opts[0], ExtendedPrecision) == (dtype == torch.bfloat16)
+    batches = fixed_batches()
+
+    def both_step(batch) -> None:
+        for model, opt in zip((skipping, plain), opts):
+            opt.zero_grad(set_to_none=True)
+            loss_and_backward(model, batch)
+        step_unless(opts[0], torch.tensor(0.0))
+        opts[1].step()
+
+    for batch in batches[:3]:  # moments, step counts and residuals exist
+        both_step(batch)
+    assert _same_bits(list(skipping.parameters()), list(plain.parameters()))
+    weights = [p.detach().clone() for p in skipping.parameters()]
+    def kept_state() -> list[torch.Tensor]:  # all but the rounding stream's position (ExtendedPrecision)
+        return _tensors_of({k: v for k, v in copy.deepcopy(opts[0].state_dict()).items() if k != "generator"})
+
+    state = kept_state()
+    for p in skipping.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_unless(opts[0], torch.tensor(1.0))
+    assert _same_bits(list(skipping.parameters()), weights)
+    assert _same_bits(kept_state(), state)
+    both_step(batches[3])
+    if dtype == torch.float32:
+        assert _same_bits(list(skipping.parameters()), list(plain.parameters()))
+    assert all(torch.isfinite(p).all() for p in skipping.parameters())
+
+
+def test_only_fused_adamw_skips_on_the_device():
+    """The optimizers without a found_inf path are stepped after one read of the flag (model.optimizers)."""
+    model = tiny_sana(torch.bfloat16)
+    for name in OPTIMIZERS:
+        cfg = dataclasses.replace(TrainConfig(), optimizer=name, mixed_precision="bf16")
+        assert skips_on_device(build_optimizer(cfg, model.parameters(), min_8bit_size=MIN_8BIT)) == (name == "adamw"), name
+
+
+def test_ema_update_not_applied_keeps_the_shadow_exactly():
+    """update(applied=False) (a step the optimizer skipped on the device) leaves every shadow bit and the
+    count as they were; applied=True is the plain update, counted by the caller."""
+    model = tiny_sana(torch.bfloat16)
+    skipped, plain, masked = EMA(model, decay=0.9), EMA(model, decay=0.9), EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    before = {n: t.clone() for n, t in skipped.shadow.items()}
+    skipped.update(model, applied=torch.tensor(False))
+    assert all(torch.equal(skipped.shadow[n], before[n]) for n in before) and skipped.num_updates == 0
+    plain.update(model)
+    masked.update(model, applied=torch.tensor(True))
+    assert all(torch.equal(masked.shadow[n], plain.shadow[n]) for n in before)
+    assert not all(torch.equal(plain.shadow[n], before[n]) for n in before)
 
 
 def test_ema_swapped_into_restores_training_weights_exactly():

@@ -62,6 +62,15 @@ def _unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(-1)[:numel].to(torch.int32) - 8
 
 
+def with_found_inf(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
+    """One step of a torch optimizer that reads ``found_inf`` the way GradScaler hands it over (attributes)."""
+    optimizer.grad_scale, optimizer.found_inf = None, found_inf
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale, optimizer.found_inf
+
+
 def _restore_dtypes(saved: Any, loaded: Any) -> Any:
     """torch and bitsandbytes cast loaded floating state to the param dtype (bf16 here);
     the inner optimizer keeps fp32 state for bf16 params, so put the saved tensors back."""
@@ -90,6 +99,7 @@ class ExtendedPrecision(torch.optim.Optimizer):
         self.max_working_elements = max_working_elements
         self._residuals: dict[torch.Tensor, torch.Tensor] = {}
         self._generator: torch.Generator | None = None
+        self._found_inf: torch.Tensor | None = None
         self._link()
 
     def _link(self) -> None:
@@ -113,7 +123,11 @@ class ExtendedPrecision(torch.optim.Optimizer):
         return self._generator
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
+    def step(self, closure: Callable[[], float] | None = None, found_inf: torch.Tensor | None = None):
+        """One step of the inner optimizer, a chunk at a time. ``found_inf`` (1.0: skip), for an inner optimizer
+        that takes it (optimizers.skips_on_device): the inner step leaves the working copy as it was, and its
+        rounding back is exact (it already has 8+k bits), so weights and residuals stay bit-identical."""
+        self._found_inf = found_inf
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -150,7 +164,10 @@ class ExtendedPrecision(torch.optim.Optimizer):
                 p.grad = grads[p]
         done = False
         try:
-            self.inner.step()
+            if self._found_inf is None:
+                self.inner.step()
+            else:
+                with_found_inf(self.inner, self._found_inf)
             done = True
         finally:
             for p in chunk:

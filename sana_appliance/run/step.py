@@ -41,6 +41,8 @@ class StepSetup:
     rank: int = 0  # this process's slice of the global batch
     world: int = 1  # processes, each with one slice
     sharded: bool = False  # FSDP: parameters and gradients are DTensor shards (the norm is summed over them)
+    params: list[torch.nn.Parameter] | None = None  # the trained parameters (listed once: walking the modules costs)
+    skip_on_device: bool = False  # the optimizer skips a non-finite step on the device (optimizers.skips_on_device)
 
 
 def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas: torch.Tensor | None = None,
@@ -82,12 +84,20 @@ def flow_loss(setup: StepSetup, batch: dict, generator: torch.Generator, sigmas:
     return torch.nn.functional.mse_loss(pred.float(), target.float())
 
 
-def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict]) -> dict[str, Any]:
+def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict],
+               before_update: Callable[[], None] | None = None) -> dict[str, Any]:
     """One optimizer step over the next ``gradient_accumulation_steps`` batches.
 
-    Returns ``loss`` and ``grad_norm`` (tensors), ``lr`` (the rate this step applied) and
-    ``finite``. A non-finite loss or gradient skips the update (the scaler still updates, the
-    schedule and EMA do not move); the caller counts it. ``state.step`` is not advanced here.
+    Returns ``loss`` and ``grad_norm`` (tensors), ``lr`` (the rate this step applied), ``finite`` and
+    ``deferred``. A non-finite loss or gradient skips the update (the scaler still updates, the schedule
+    and EMA do not move); the caller counts it. ``state.step`` is not advanced here.
+
+    Where the optimizer skips on the device (``setup.skip_on_device``), nothing here waits for the
+    device: ``finite`` is a 0-dim bool tensor, the optimizer and the EMA apply or skip the update on the
+    device, and ``deferred`` is True: the caller reads ``finite`` later (at the next step's
+    ``before_update``, which runs after that step's backward and before its rates are read, or at a
+    log, checkpoint or stop) and then advances the schedule (:func:`settle`). Otherwise ``finite`` is
+    read here (one wait for the device) and is a bool.
     """
     cfg = setup.cfg
     accumulation = cfg.gradient_accumulation_steps
@@ -99,9 +109,10 @@ def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict]) -> 
             loss = flow_loss(setup, batch, state.generator)
             state.scaler.scale(loss / accumulation).backward()
         losses.append(loss.detach())
-    loss = torch.stack(losses).mean()
+    loss = losses[0] if accumulation == 1 else torch.stack(losses).mean()
     state.scaler.unscale_(state.optimizer)
-    params = [p for p in state.transformer.parameters() if p.grad is not None]
+    trained = setup.params if setup.params is not None else list(state.transformer.parameters())
+    params = [p for p in trained if p.grad is not None]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     if setup.sharded:
         from ..distributed import fsdp
@@ -109,15 +120,41 @@ def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict]) -> 
         grad_norm = fsdp.grad_norm_and_clip(params, max_norm)
     else:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    finite = torch.isfinite(loss) & torch.isfinite(grad_norm)  # decided on the device
+    if before_update is not None:
+        before_update()  # the caller settles the previous step (its schedule step comes before this step's rate)
     lr = state.lr_scheduler.get_last_lr()[0]  # the rate this step applies (read before the schedule moves on)
-    if finite:
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        state.lr_scheduler.step()
+    deferred = setup.skip_on_device and not state.scaler.is_enabled()
+    if deferred:
+        from ..model.optimizers import step_unless
+
+        step_unless(state.optimizer, (~finite).float())
         if state.ema is not None:
-            state.ema.update(state.transformer)
+            state.ema.update(state.transformer, applied=finite)
     else:
-        state.scaler.update()
+        finite = bool(finite)  # the one wait for the device
+        if finite:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+            state.lr_scheduler.step()
+            if state.ema is not None:
+                state.ema.update(state.transformer)
+        else:
+            state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite}
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, "deferred": deferred}
+
+
+def settle(state: TrainState, out: dict[str, Any]) -> bool:
+    """The host's part of a step whose update was decided on the device (``out["deferred"]``): read
+    ``finite`` (by now long computed) and, for an applied update, advance the schedule and count the EMA
+    update. Returns whether the step was finite. Idempotent per ``out``."""
+    if not out["deferred"]:
+        return bool(out["finite"])
+    if "settled" not in out:
+        out["settled"] = finite = bool(out["finite"])
+        if finite:
+            state.lr_scheduler.step()
+            if state.ema is not None:
+                state.ema.num_updates += 1
+    return out["settled"]

@@ -32,11 +32,12 @@ from ..data import demo, precompute
 from ..data.precompute import CachedDataset
 from ..distributed import fsdp, group
 from ..distributed.stopping import Abandoned, StopFlag, StopVote
+from ..model import optimizers
 from ..model import parts as models
 from ..model.flow import FlowSchedule
 from . import checkpoints, report, runinfo, validation
 from .state import TrainState
-from .step import StepSetup, flow_loss, train_step
+from .step import StepSetup, flow_loss, settle, train_step
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Run:
         self.ckpt_root = self.output_dir / "checkpoints"
         self.timings: dict[str, float] = {}
         self.stop = stop  # installed by the caller, before setup (distributed/stopping.py)
+        self._pending: tuple[int, dict] | None = None  # (step, train_step's result) not yet settled
+        self._consecutive_bad = 0  # non-finite steps in a row
         self._vote: StopVote | None = None
 
     # ------------------------------------------------------------ setup
@@ -325,6 +328,7 @@ class Run:
     # ------------------------------------------------------------ state
 
     def _save_checkpoint(self) -> Path:
+        self._settle()  # the schedule position and skip count it saves include the last step
         state = self.state
         rngs = [state.random_streams()]
         if self.world > 1:  # every rank's streams go into the one folder rank 0 writes
@@ -682,27 +686,21 @@ class Run:
             raise self._stop_training()
         if self.scores_colours and self.colour_score is None and self.is_main:  # resumed: the last score measured
             self.colour_score = _last_colour_score(self.output_dir / "metrics.jsonl", state.step)
-        setup, batches, consecutive_bad = self._step_setup(), self._batches(), 0
+        setup, batches = self._step_setup(), self._batches()
+        setup.params = [p for p in state.transformer.parameters() if p.requires_grad]
+        setup.skip_on_device = optimizers.skips_on_device(state.optimizer)
+        self._consecutive_bad = 0
         samples_per_step = cfg.train_batch_size * cfg.gradient_accumulation_steps * self.world
         bar = tqdm(total=self.max_steps, initial=state.step, disable=not self.is_main, unit="step", dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 10.0)
         t_loop, steps_run = time.monotonic(), 0
         while state.step < self.max_steps:
-            out = train_step(setup, state, batches)
+            out = train_step(setup, state, batches, before_update=self._settle)
             state.step += 1
             steps_run += 1
-            if out["finite"]:
-                consecutive_bad = 0
-            else:
-                consecutive_bad += 1
-                state.nonfinite_total += 1
-                log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row)",
-                            state.step, float(out["loss"]), float(out["grad_norm"]), consecutive_bad)
-                if consecutive_bad >= cfg.max_nonfinite_steps:
-                    raise DivergedError(
-                        f"training diverged: {consecutive_bad} consecutive steps with non-finite loss or gradients, last "
-                        f"at step {state.step}. The last checkpoint is intact; lower learning_rate, use "
-                        "mixed_precision=bf16, or raise max_nonfinite_steps.")
+            self._pending = (state.step, out)
+            if not out["deferred"]:
+                self._settle()
             loss = out["loss"]
             if self.world > 1 and state.step % cfg.logging_steps == 0:  # the global batch's loss: the mean over ranks
                 loss = loss.detach().clone()
@@ -710,6 +708,7 @@ class Run:
                 loss = loss / self.world
             bar.update(1)
             if state.step % cfg.logging_steps == 0:  # loss and grad norm are read back from the device only here
+                self._settle()
                 elapsed = time.monotonic() - t_loop
                 metrics = {"loss": float(loss), "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
                            "samples_per_s": samples_per_step * steps_run / max(elapsed, 1e-9), "elapsed_s": round(elapsed, 4),
@@ -728,10 +727,32 @@ class Run:
             if self.vote.agree():
                 bar.close()
                 raise self._stop_training()
+        self._settle()
         bar.close()
         self.timings["train_s"] = time.monotonic() - t_loop
         # The loop's peak (validation rounds inside it included); finish()'s validation and export come after.
         self.memory["training_peak_gib"] = round(runinfo.peak_memory_gib(self.device), 3)
+
+    def _settle(self) -> None:
+        """The host's part of the last step (step.settle): its finiteness read, the schedule advanced for an
+        applied update, a skipped one counted and logged; max_nonfinite_steps skipped in a row end the run (exit
+        5). Called after each step where the check waited for the device anyway, else at the next step's
+        before_update and before anything reads the counters or saves them (logs, checkpoints, the loop's end)."""
+        if self._pending is None:
+            return
+        (step, out), self._pending = self._pending, None
+        if settle(self.state, out):
+            self._consecutive_bad = 0
+            return
+        self._consecutive_bad += 1
+        self.state.nonfinite_total += 1
+        log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row)",
+                    step, float(out["loss"]), float(out["grad_norm"]), self._consecutive_bad)
+        if self._consecutive_bad >= self.cfg.max_nonfinite_steps:
+            raise DivergedError(
+                f"training diverged: {self._consecutive_bad} consecutive steps with non-finite loss or gradients, "
+                f"last at step {step}. The last checkpoint is intact; lower learning_rate, use mixed_precision=bf16, "
+                "or raise max_nonfinite_steps.")
 
     @property
     def vote(self) -> StopVote:
@@ -764,6 +785,7 @@ class Run:
         self._progress_at = time.monotonic()
         if self.uploads is None:
             return
+        self._settle()  # run.json's skip count includes the last step
         self._write_run_json(status="training")
         self.uploads.add("progress")
 
