@@ -170,6 +170,12 @@ def test_appliance_benchmark_tiny_runs_the_real_cli_per_preset_and_reads_its_rec
         assert r["allocator_peak_gib"]["caching_peak_gib"] > 0 and r["allocator_peak_gib"]["training_peak_gib"] > 0
         assert r["cache_latents_per_s"] > 0 and r["cache_text_per_s"] > 0
         assert r["checkpoint_save_s"] is not None and r["validation_s"] is not None
+        # Halfway (step 3 of 6) a checkpoint is written by a thread while training goes on; FSDP's shards are not.
+        background = r["background_checkpoint"]
+        if r["preset"] == "fsdp":
+            assert background is None
+        else:
+            assert background["step"] == 3 and 0 <= background["loop_wait_s"] <= background["save_s"], background
         # The heavy outputs are gone (the next preset needs the disk); the records stay.
         output = tmp_path / "root" / r["preset"] / "output"
         assert not (output / "checkpoints").exists() and not (output / "final").exists()

@@ -199,3 +199,77 @@ def test_restart_after_completion_does_nothing(demo_run, shared_workspace):
     assert again.returncode == 0 and "already finished at step 16" in again.stderr
     after = {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.is_file() and p != lock}
     assert before == after
+
+
+# ---------------------------------------------------------------- background writes
+
+
+def test_background_save_writes_the_state_as_copied_while_training_changes_it(tmp_path):
+    """host_copy + BackgroundSave: the live tensors change in place right after the copy (as the next steps do),
+    and the checkpoint still holds the values at the copy, complete and verified."""
+    live = {"transformer": {"w": torch.arange(6, dtype=torch.float32)}}
+    objects = {"optimizer": {"state": {0: {"m": torch.ones(3)}}, "param_groups": [{"lr": 0.1}]}}
+    copied = checkpoints.host_copy({"tensors": live, "objects": objects})
+    assert checkpoints.tensor_bytes(copied) == 6 * 4 + 3 * 4
+    write = checkpoints.BackgroundSave(tmp_path / "ck", 4, None, tensors=copied["tensors"], objects=copied["objects"],
+                                       state={"step": 4})
+    live["transformer"]["w"].add_(100.0)
+    objects["optimizer"]["state"][0]["m"].zero_()
+    objects["optimizer"]["param_groups"][0]["lr"] = 9.0
+    path = write.result()
+    assert write.done() and write.error is None and checkpoints.verify(checkpoints.CheckpointRef(path, 4)) == []
+    tensors, saved_objects, state = checkpoints.load(checkpoints.CheckpointRef(path, 4))
+    assert torch.equal(tensors["transformer"]["w"], torch.arange(6, dtype=torch.float32))
+    assert torch.equal(saved_objects["optimizer"]["state"][0]["m"], torch.ones(3))
+    assert saved_objects["optimizer"]["param_groups"][0]["lr"] == 0.1 and state == {"step": 4}
+
+
+def test_background_save_failure_is_raised_by_result(tmp_path):
+    """A write that fails (here: the checkpoints folder is a file) is a DataError from result(), the loop's
+    thread, not a thread's traceback; nothing half-written is left."""
+    root = tmp_path / "ck"
+    root.write_text("not a folder")
+    write = checkpoints.BackgroundSave(root, 4, None, tensors={"transformer": {"w": torch.zeros(2)}}, objects={},
+                                       state={"step": 4})
+    with pytest.raises(DataError, match="saving checkpoint-4"):
+        write.result()
+    assert root.read_text() == "not a folder"
+
+
+def test_the_loop_trains_on_while_a_periodic_checkpoint_is_written(demo_run, shared_workspace, tmp_path, monkeypatch,
+                                                                  caplog):
+    """The short demo in-process, with checkpoint-8's write held back until the loop has reached step 10: the
+    loop trained on (validation at step 8 included) while the write waited, and checkpoint-8 still holds
+    step 8's weights, bit for bit those of the uninterrupted CLI run."""
+    import logging
+
+    from sana_appliance.config.resolve import CliArgs, resolve
+    from sana_appliance.distributed.stopping import StopFlag
+    from sana_appliance.run.train import Run
+
+    reference, _ = demo_run
+    run = Run(resolve(cli_env(shared_workspace, tmp_path / "out"), CliArgs()), StopFlag())
+    real_save, writes = checkpoints.save, []
+
+    def held_save(root, step, **kwargs):
+        deadline = time.monotonic() + 120
+        while step < run.max_steps and run.state.step < step + 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        writes.append((step, run.state.step))
+        return real_save(root, step, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "save", held_save)
+    caplog.set_level(logging.INFO, logger="sana_appliance.run.train")
+    try:
+        run.setup()
+        run.train()
+        run.finish()
+    finally:
+        run.close()
+    assert writes[0][0] == 8 and writes[0][1] >= 10, writes  # the loop was at step 10 or later when it was written
+    assert writes[-1] == (16, 16)  # the final save is written before finish() goes on
+    assert "saved checkpoint-8" in caplog.text and "written while training went on" in caplog.text
+    ck = tmp_path / "out" / "checkpoints" / "checkpoint-8"
+    assert checkpoints.verify(checkpoints.CheckpointRef(ck, 8)) == []
+    assert same_weights(ck / "transformer.safetensors", reference / "checkpoints" / "checkpoint-8" / "transformer.safetensors")
+    assert same_weights(tmp_path / "out" / "transformer.safetensors", reference / "transformer.safetensors")

@@ -8,7 +8,8 @@ What runs is the real CLI (``entrypoint.py``), one fresh process per preset, eac
 (the caches are built anew per preset; the model folder is shared): the built-in real-size model
 ``builtin:sana-1600m-random`` (built once first, on the GPU, by its own process), a generated dataset of
 ``--images`` 1024px pictures (``sana_appliance.data.demo.write_shapes``), and the preset's config with
-only these changed: ``max_train_steps``, one checkpoint and one validation round (1024x1024, at the end),
+only these changed: ``max_train_steps``, a checkpoint halfway (written in the background) and at the end, one
+validation round (1024x1024, at the end),
 logging every step, ``num_processes: 1``. Presets: ``24g``, ``lowest-vram`` (text encoder in nf4 while
 caching), ``multi-gpu`` (its per-GPU config on one process), ``fsdp`` (multi-gpu with
 ``distributed_strategy: fsdp`` and torch AdamW, as FSDP requires).
@@ -20,7 +21,8 @@ Reported per preset, from the run's own records (run.json, metrics.jsonl) and th
   (``nvidia-smi`` every 0.2 s, CUDA context and bitsandbytes' paged state included) in the same phases,
   told apart by the run's log lines;
 - cache build: text embeddings and VAE latents per second (run.json ``caches``);
-- the final checkpoint's save time, the validation round's time, the wall time and the exit code.
+- the final checkpoint's save time, the halfway checkpoint's write time and how long the loop waited for
+  its host copy, the validation round's time, the wall time and the exit code.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -52,6 +55,20 @@ CACHING_ENDS = "caches: text embeddings"
 TRAINING_STARTS = "held-out eval loss at step"
 TRAINING_ENDS = "saved checkpoint-"
 GIB = 2**30
+
+
+BACKGROUND_SAVE = re.compile(r"saved checkpoint-(\d+) \(([\d.]+) s, written while training went on; "
+                             r"the loop waited ([\d.]+) s")
+
+
+def _background_save(lines: list[str]) -> dict | None:
+    """The mid-run checkpoint (written by a thread while training went on): its step, the write's seconds and
+    the seconds the loop waited for the host copy, from the run's log line (run/train.py)."""
+    for line in lines:
+        found = BACKGROUND_SAVE.search(line)
+        if found:
+            return {"step": int(found[1]), "save_s": float(found[2]), "loop_wait_s": float(found[3])}
+    return None
 
 
 class DeviceWatch:
@@ -135,7 +152,7 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
     env.update(RUNS[name], WORKSPACE=str(workspace), OUTPUT_DIR=str(output), DATALOADER_CONFIG=str(config),
                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", WANDB_MODE="disabled",
                SANA_PRETRAINED_MODEL_NAME_OR_PATH=BUILTIN_MODEL if args.tiny else BUILTIN_RANDOM,
-               SANA_MAX_TRAIN_STEPS=str(args.steps), SANA_CHECKPOINTING_STEPS=str(args.steps),
+               SANA_MAX_TRAIN_STEPS=str(args.steps), SANA_CHECKPOINTING_STEPS=str(max(1, args.steps // 2)),
                SANA_VALIDATION_STEPS=str(args.steps), SANA_LOGGING_STEPS="1", SANA_NUM_PROCESSES="1",
                SANA_VALIDATION_RESOLUTION=f"{args.size}x{args.size}", SANA_REPORT_TO="none",
                SANA_VALIDATION_NUM_INFERENCE_STEPS=str(args.validation_steps), SANA_PUSH_TO_HUB="false")
@@ -157,7 +174,7 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
             lines.append(line.rstrip())
             now = time.monotonic()
             for key, marker in (("caching", CACHING_STARTS), ("cached", CACHING_ENDS), ("training", TRAINING_STARTS),
-                                ("trained", TRAINING_ENDS)):
+                                ("trained", f"{TRAINING_ENDS}{args.steps} (")):
                 if marker in line and key not in marks:
                     marks[key] = now
         code = proc.wait()
@@ -216,6 +233,7 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
         cache_text_per_s=round(caches["text_encoded"] / caches["text_s"], 2) if caches.get("text_s") else None,
         cache_latents_per_s=round(caches["latent_encoded"] / caches["latent_s"], 2) if caches.get("latent_s") else None,
         caches=caches, checkpoint_save_s=timings.get("last_checkpoint_save_s"),
+        background_checkpoint=_background_save(lines),
         validation_s=timings.get("last_validation_s"), setup_s=timings.get("setup_s"), cache_s=timings.get("cache_s"),
         train_s=timings.get("train_s"), eval_loss=run.get("eval_loss"),
         output_gib=round(sum(f.stat().st_size for f in output.rglob("*") if f.is_file()) / GIB, 2),
@@ -275,7 +293,9 @@ def report(results: list[dict]) -> None:
               f"{100 * (r['mfu'] or 0):5.1f}%  HFU {100 * (r['hfu'] or 0):5.1f}%  allocator peak caching "
               f"{mem.get('caching_peak_gib')} / training {mem.get('training_peak_gib')} GiB; device caching "
               f"{dev['caching']} / training {dev['training']} GiB; latents {r['cache_latents_per_s']}/s, text "
-              f"{r['cache_text_per_s']}/s; checkpoint {r['checkpoint_save_s']} s; validation {r['validation_s']} s; "
+              f"{r['cache_text_per_s']}/s; checkpoint {r['checkpoint_save_s']} s (halfway, in the background: "
+              f"{(r['background_checkpoint'] or {}).get('save_s')} s, the loop waited "
+              f"{(r['background_checkpoint'] or {}).get('loop_wait_s')} s); validation {r['validation_s']} s; "
               f"wall {r['wall_s']} s")
 
 

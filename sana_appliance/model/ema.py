@@ -63,7 +63,13 @@ class EMA:
         (``num_updates``) once it has read the flag."""
         # Fused kernels over groups of tensors instead of one lerp per parameter (DTensor shards included). bf16
         # weights are upcast for it: in groups of at most UPDATE_GROUP_BYTES of fp32 copies, not all at once.
-        rate = 1.0 - self.decay if applied is None else applied.float() * (1.0 - self.decay)
+        # A 0-dim tensor as the weight would be read back to the host (the Scalar overload); one per tensor (the
+        # List overload) stays on the device.
+        rate = None if applied is None else applied.float() * (1.0 - self.decay)
+
+        def lerp(shadows: list, weights: list) -> None:
+            torch._foreach_lerp_(shadows, weights, 1.0 - self.decay if rate is None else [rate] * len(shadows))
+
         shadows, weights, copied = [], [], 0
         for shadow, p in self._pairs(model):
             weight = p.detach().to(device=shadow.device, dtype=torch.float32)  # no copy when already fp32 there
@@ -72,10 +78,10 @@ class EMA:
             if p.dtype != torch.float32 or p.device != shadow.device:  # an upcast copy was made
                 copied += weight.numel() * 4
             if copied >= UPDATE_GROUP_BYTES:
-                torch._foreach_lerp_(shadows, weights, rate)
+                lerp(shadows, weights)
                 shadows, weights, copied = [], [], 0
         if shadows:
-            torch._foreach_lerp_(shadows, weights, rate)
+            lerp(shadows, weights)
         if applied is None:
             self.num_updates += 1
 

@@ -289,7 +289,33 @@ def skips_on_device(optimizer) -> bool:
     """True when ``optimizer`` can skip a step on the device (:func:`step_unless`): torch's fused Adam/AdamW,
     alone or as ExtendedPrecision's inner optimizer."""
     inner = getattr(optimizer, "inner", optimizer)
-    return bool(getattr(inner, "defaults", {}).get("fused")) and getattr(inner, "_step_supports_amp_scaling", False)
+    # The groups decide how torch steps (load_optimizer_state keeps this build's flags in them).
+    return getattr(inner, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in inner.param_groups)
+
+
+# Param-group entries that say how this build steps, not what the config asks: a loaded state keeps ours.
+KERNEL_GROUP_KEYS = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_optimizer_state(optimizer, saved: dict) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping this optimizer's kernel flags (KERNEL_GROUP_KEYS).
+
+    torch restores the param groups as saved, flags included: a checkpoint written by a build that stepped
+    otherwise (before AdamW was fused) would switch the fused kernel off, and the found_inf skip with it.
+    With the flags kept, torch also puts the loaded step counts where the fused kernel wants them."""
+    from .precision import ExtendedPrecision
+
+    def adopt(live_groups: list[dict], state: dict) -> dict:
+        groups = [dict(g) for g in state["param_groups"]]
+        for group, live in zip(groups, live_groups):
+            group.update({key: live[key] for key in KERNEL_GROUP_KEYS if key in live})
+        return {**state, "param_groups": groups}
+
+    if isinstance(optimizer, ExtendedPrecision):
+        saved = {**saved, "inner": adopt(optimizer.inner.param_groups, saved["inner"])}
+    else:
+        saved = adopt(optimizer.param_groups, saved)
+    optimizer.load_state_dict(saved)
 
 
 def step_unless(optimizer, found_inf) -> None:

@@ -20,6 +20,8 @@ import logging
 import os
 import re
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,9 +258,9 @@ def save(
     """Write checkpoint-<step> atomically. `tensors`: name -> state dict saved as safetensors;
     `objects`: name -> picklable state (optimizer, RNG...); `state`: JSON trainer state; `sharded`: a folder
     of torch.distributed.checkpoint shards already written (beside the checkpoints), moved in as `sharded/`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
         # A folder of the same step already there is moved aside in one rename, never deleted in place.
         with atomic_folder(final, existing="replace") as tmp:
             for name, tensor_dict in tensors.items():
@@ -340,3 +342,119 @@ def check_disk(root: Path, checkpoint_bytes: int) -> None:
             f"{checkpoint_bytes / 2**30:.2f} GiB and the run needs room for two "
             f"({2 * checkpoint_bytes / 2**30:.2f} GiB). Free space or mount a larger volume."
         )
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of a (nested) state on the host that training can no longer change: every tensor copied to the
+    CPU (a clone when already there; from a GPU one blocking copy per tensor into pageable memory, which pins
+    nothing for the rest of the run), dicts, lists and tuples rebuilt, other values shared (they are immutable:
+    numbers, strings, None)."""
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            return value.clone() if value.device.type == "cpu" else value.to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [copy(item) for item in value]
+        if isinstance(value, tuple):
+            return tuple(copy(item) for item in value)
+        return value
+
+    return copy(obj)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a (nested) state: what host_copy allocates."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def host_memory_available() -> int | None:
+    """Host memory this process may still take, in bytes (None where it cannot be read): MemAvailable from
+    /proc/meminfo, capped by this process's memory cgroup (a container's limit): its limit less its working set,
+    i.e. its usage without the inactive file cache, which the kernel reclaims before it would kill (as docker and
+    kubernetes count it)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    free = _cgroup_free()
+    if free is not None:
+        available = free if available is None else min(available, free)
+    return available
+
+
+def _cgroup_free() -> int | None:
+    """This process's cgroup (v2 or v1 memory controller): limit - (usage - inactive file cache), or None."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # v2
+            folder, files = Path("/sys/fs/cgroup"), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            folder, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                            "total_inactive_file")
+        else:
+            continue
+        # The process's own cgroup where it is visible, else the namespace's root (a container's own).
+        for base in (folder / path.lstrip("/"), folder):
+            try:
+                limit = (base / files[0]).read_text().strip()
+                usage = int((base / files[1]).read_text())
+                stat = dict(x.split() for x in (base / "memory.stat").read_text().splitlines() if len(x.split()) == 2)
+            except (OSError, ValueError):
+                continue
+            if not limit.isdigit() or int(limit) >= 1 << 60:  # "max" / v1's unlimited
+                return None
+            return max(0, int(limit) - (usage - int(stat.get(files[2], 0))))
+    return None
+
+
+class BackgroundSave:
+    """One checkpoint being written by a thread while training goes on.
+
+    The caller has already copied the state to the host (:func:`host_copy`): training may change the live
+    tensors at once. The thread runs :func:`save` and :func:`prune`; :meth:`result` waits for it and returns
+    the folder or raises save's DataError. A kill at any moment leaves at most a temp folder (save is atomic),
+    which the next prune removes."""
+
+    def __init__(self, root: Path, step: int, limit: int | None, *, tensors: dict, objects: dict, state: dict):
+        self.step, self.started = step, time.monotonic()
+        self.finished: float | None = None
+        self.reported = False  # the caller has logged and queued it
+        self._path: Path | None = None
+        self.error: BaseException | None = None
+
+        def write() -> None:
+            try:
+                self._path = save(root, step, tensors=tensors, objects=objects, state=state)
+                prune(root, limit)
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop's thread by result()
+                self.error = exc
+            finally:
+                self.finished = time.monotonic()
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}-writer", daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Path:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self._path is not None
+        return self._path

@@ -102,7 +102,7 @@ class TrainState:
         from ..model import optimizers
 
         if not self.sharded:  # a sharded optimizer state came with the weights
-            self.optimizer.load_state_dict(objects["optimizer"])
+            optimizers.load_optimizer_state(self.optimizer, objects["optimizer"])
         optimizers.apply_hyperparameters(cfg, self.optimizer)
         self.lr_scheduler = optimizers.build_lr_scheduler(cfg, self.optimizer, max_steps,
                                                           completed_steps=int(objects["lr_scheduler"]["last_epoch"]))

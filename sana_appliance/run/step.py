@@ -131,6 +131,14 @@ def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict],
         step_unless(state.optimizer, (~finite).float())
         if state.ema is not None:
             state.ema.update(state.transformer, applied=finite)
+        if finite.device.type == "cuda":  # copied out without a wait; settle waits for this event only
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            finite_host = (host, event)
+        else:
+            finite_host = None
     else:
         finite = bool(finite)  # the one wait for the device
         if finite:
@@ -142,7 +150,10 @@ def train_step(setup: StepSetup, state: TrainState, batches: Iterator[dict],
         else:
             state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, "deferred": deferred}
+    out = {"loss": loss, "grad_norm": grad_norm, "lr": lr, "finite": finite, "deferred": deferred}
+    if deferred and finite_host is not None:
+        out["finite_host"] = finite_host
+    return out
 
 
 def settle(state: TrainState, out: dict[str, Any]) -> bool:
@@ -152,7 +163,13 @@ def settle(state: TrainState, out: dict[str, Any]) -> bool:
     if not out["deferred"]:
         return bool(out["finite"])
     if "settled" not in out:
-        out["settled"] = finite = bool(out["finite"])
+        if "finite_host" in out:  # CUDA: wait for the flag's copy only (a read of the tensor would wait for all)
+            host, event = out["finite_host"]
+            event.synchronize()
+            finite = bool(host)
+        else:
+            finite = bool(out["finite"])
+        out["settled"] = finite
         if finite:
             state.lr_scheduler.step()
             if state.ema is not None:

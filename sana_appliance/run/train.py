@@ -27,7 +27,7 @@ import torch
 from .. import tracking
 from ..config.resolve import Resolved
 from ..config.schema import BUILTIN_DATASET
-from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError, PeersLost
+from ..core.errors import ApplianceError, ConfigError, DataError, DivergedError, PeerError, PeersLost
 from ..data import demo, precompute
 from ..data.precompute import CachedDataset
 from ..distributed import fsdp, group
@@ -64,7 +64,12 @@ class Run:
         self.stop = stop  # installed by the caller, before setup (distributed/stopping.py)
         self._pending: tuple[int, dict] | None = None  # (step, train_step's result) not yet settled
         self._consecutive_bad = 0  # non-finite steps in a row
+        self._diverged: DivergedError | None = None  # found where only rank 0 settles; raised at the next settle
         self._vote: StopVote | None = None
+        self._async_pending = False  # a background checkpoint write was started and not yet waited for
+        self._inflight = None  # (BackgroundSave, config hash, start, loop's wait) on a checkpoint writer
+        self._noted_foreground = False
+        self._write_failure_noted = False
 
     # ------------------------------------------------------------ setup
 
@@ -327,8 +332,14 @@ class Run:
 
     # ------------------------------------------------------------ state
 
-    def _save_checkpoint(self) -> Path:
+    def _save_checkpoint(self, wait: bool = True) -> None:
+        """Save this step, on every rank together. ``wait=False`` (the loop's periodic saves, without FSDP): the
+        state is copied to the host, which is all the loop waits for, and a thread writes the folder while
+        training goes on; the next save, a stop, finish() and close() wait for that write (one at a time), and
+        its failure then stops every rank with the same error. Where the host copy would take more than half of
+        the free host memory, the save is written at once instead (logged once)."""
         self._settle()  # the schedule position and skip count it saves include the last step
+        self._wait_for_save()
         state = self.state
         rngs = [state.random_streams()]
         if self.world > 1:  # every rank's streams go into the one folder rank 0 writes
@@ -340,24 +351,91 @@ class Run:
                                   config=self.resolved.redacted(), model=self.model_info)
         # The tracker may have started a run since the resume; rank 0's tracker is the one.
         progress["tracker_run_id"] = self.ranks.broadcast(self.tracker.run_id)
-        path = None
         # Weights are identical on every rank: one rank per output disk writes the folder (rank 0 on a shared
         # disk, each machine's local rank 0 on node-local disks, so every machine can resume). A failed save
         # (a full disk) stops every rank with the same error.
         t0 = time.monotonic()
-        sharded = self._save_shards(progress) if self.fsdp else None
-        path = self.ranks.agree(lambda: self._write_checkpoint(progress, objects, sharded)
-                                if self.ranks.writes_checkpoints else None)
-        if path is not None:
-            self.timings["last_checkpoint_save_s"] = round(time.monotonic() - t0, 3)
-            if self.is_main:
-                log.info("saved %s (%.1f s)", path.name, self.timings["last_checkpoint_save_s"])
-            if self.is_main and self.uploads is not None and self.cfg.push_checkpoints_to_hub:
-                self.uploads.add("checkpoint", step=state.step, config_hash=progress["config_hash"], run_id=state.run_id)
-                self._queue_progress()
+        if wait or self.fsdp:
+            sharded = self._save_shards(progress) if self.fsdp else None
+            path = self.ranks.agree(lambda: self._write_checkpoint(progress, objects, sharded)
+                                    if self.ranks.writes_checkpoints else None)
+            if path is not None:
+                self._saved(path, state.step, progress["config_hash"], time.monotonic() - t0, time.monotonic() - t0)
+        else:
+            result = self.ranks.agree(lambda: self._start_write(progress, objects)
+                                      if self.ranks.writes_checkpoints else None)
+            self._async_pending = True  # on every rank alike: each one waits for the write at the same point
+            stall = time.monotonic() - t0
+            if isinstance(result, checkpoints.BackgroundSave):
+                self._inflight = (result, progress["config_hash"], t0, stall)
+                self._write_failure_noted = False
+            elif result is not None:  # written at once (host memory)
+                self._saved(result, state.step, progress["config_hash"], stall, stall)
         self.last_saved_step = state.step
         self.accelerator.wait_for_everyone()
-        return path or self.ckpt_root / f"checkpoint-{state.step}"
+
+    def _start_write(self, progress: dict, objects: dict):
+        """A checkpoint writer's part of a background save: the host copy, then the writing thread (or, short of
+        host memory, the folder written now: its path)."""
+        import copy
+
+        tensors = self.state.tensors()
+        size = checkpoints.tensor_bytes(tensors) + checkpoints.tensor_bytes(objects)
+        free = checkpoints.host_memory_available()
+        if free is not None and size > free // 2:
+            if not self._noted_foreground:
+                self._noted_foreground = True
+                log.info("checkpoints are written before training goes on: a host copy of the state (%.1f GiB) "
+                         "would take more than half of the free host memory (%.1f GiB)", size / 2**30, free / 2**30)
+            return self._write_checkpoint(progress, objects)
+        copied = checkpoints.host_copy({"tensors": tensors, "objects": objects})
+        write = checkpoints.BackgroundSave(self.ckpt_root, self.state.step, self.cfg.checkpoints_total_limit,
+                                           tensors=copied["tensors"], objects=copied["objects"],
+                                           state=copy.deepcopy(progress))
+        # Kept at once: should the ranks' agreement after this fail (a peer's error), close() still waits for it.
+        self._inflight = (write, progress["config_hash"], time.monotonic(), 0.0)
+        return write
+
+    def _saved(self, path: Path, step: int, config_hash: str, total_s: float, stall_s: float) -> None:
+        """A checkpoint is complete on this disk: timings, the log line, the Hub upload."""
+        self.timings["last_checkpoint_save_s"] = round(total_s, 3)
+        self.timings["last_checkpoint_stall_s"] = round(stall_s, 3)
+        if self.is_main:
+            if stall_s < total_s:
+                log.info("saved %s (%.2f s, written while training went on; the loop waited %.2f s for the copy)",
+                         path.name, total_s, stall_s)
+            else:
+                log.info("saved %s (%.1f s)", path.name, total_s)
+        if self.is_main and self.uploads is not None and self.cfg.push_checkpoints_to_hub:
+            self.uploads.add("checkpoint", step=step, config_hash=config_hash, run_id=self.state.run_id)
+            self._queue_progress()
+
+    def _poll_save(self) -> None:
+        """Between steps, on this rank alone: a background write that has finished well is reported now (its log
+        line and upload); a failed one waits for _wait_for_save, where every rank hears of it."""
+        if self._inflight is None or self._inflight[0].reported or not self._inflight[0].done():
+            return
+        bg, config_hash, t0, stall = self._inflight
+        if bg.error is not None:
+            if not self._write_failure_noted:  # said now; every rank stops with it at the next save, stop or end
+                self._write_failure_noted = True
+                log.warning("writing checkpoint-%d failed (%s); training goes on, and the run stops with this error "
+                            "at the next checkpoint, unless a stop comes first", bg.step, bg.error)
+            return
+        bg.reported = True
+        self._saved(bg.result(), bg.step, config_hash, bg.finished - t0, stall)
+
+    def _wait_for_save(self) -> None:
+        """Every rank together: wait for the background write, if one was started; its failure is everyone's."""
+        if not self._async_pending:
+            return
+        self._async_pending = False
+        inflight, self._inflight = self._inflight, None
+        path = self.ranks.agree(lambda: inflight[0].result() if inflight is not None else None)
+        if inflight is not None and not inflight[0].reported:
+            bg, config_hash, t0, stall = inflight
+            bg.reported = True
+            self._saved(path, bg.step, config_hash, bg.finished - t0, stall)
 
     def _save_shards(self, progress: dict) -> Path:
         """FSDP: every rank writes its shards into a folder beside the checkpoints, which the checkpoint writers
@@ -720,8 +798,9 @@ class Run:
             if self.uploads is not None and cfg.hub_sync_interval_s and \
                     time.monotonic() - self._progress_at >= cfg.hub_sync_interval_s:
                 self._queue_progress()
+            self._poll_save()
             if state.step % cfg.checkpointing_steps == 0 and state.step < self.max_steps:
-                self._save_checkpoint()
+                self._save_checkpoint(wait=False)
             if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < self.max_steps:
                 self._validation_round()  # a stop abandons it; the vote below then stops every rank
             if self.vote.agree():
@@ -733,11 +812,16 @@ class Run:
         # The loop's peak (validation rounds inside it included); finish()'s validation and export come after.
         self.memory["training_peak_gib"] = round(runinfo.peak_memory_gib(self.device), 3)
 
-    def _settle(self) -> None:
+    def _settle(self, raise_later: bool = False) -> None:
         """The host's part of the last step (step.settle): its finiteness read, the schedule advanced for an
         applied update, a skipped one counted and logged; max_nonfinite_steps skipped in a row end the run (exit
         5). Called after each step where the check waited for the device anyway, else at the next step's
-        before_update and before anything reads the counters or saves them (logs, checkpoints, the loop's end)."""
+        before_update and before anything reads the counters or saves them (logs, checkpoints, validation, the
+        loop's end). ``raise_later``: from a path only some ranks take (rank 0's run.json for the Hub), a divergence
+        is raised at the next settle instead, which every rank reaches."""
+        if self._diverged is not None and not raise_later:
+            error, self._diverged = self._diverged, None
+            raise error
         if self._pending is None:
             return
         (step, out), self._pending = self._pending, None
@@ -749,10 +833,13 @@ class Run:
         log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s); update skipped (%d in a row)",
                     step, float(out["loss"]), float(out["grad_norm"]), self._consecutive_bad)
         if self._consecutive_bad >= self.cfg.max_nonfinite_steps:
-            raise DivergedError(
+            error = DivergedError(
                 f"training diverged: {self._consecutive_bad} consecutive steps with non-finite loss or gradients, "
                 f"last at step {step}. The last checkpoint is intact; lower learning_rate, use mixed_precision=bf16, "
                 "or raise max_nonfinite_steps.")
+            if not raise_later:
+                raise error
+            self._diverged = error  # raised at the next settle every rank reaches, where the others raise theirs
 
     @property
     def vote(self) -> StopVote:
@@ -763,6 +850,13 @@ class Run:
     def _stop_training(self) -> ApplianceError:
         """Every rank, together: checkpoint unsaved progress; the queued uploads get hub_stop_upload_s; the
         StopRequested to raise."""
+        try:
+            self._wait_for_save()  # a checkpoint still being written is complete before the stop says so
+        except (DataError, PeerError) as exc:  # it failed (on some rank's disk): saving this step is still worth a try
+            if exc.exit_code != DataError.exit_code:
+                raise
+            log.warning("%s; saving step %d instead", exc, self.step)
+            self.last_saved_step = None
         if self.step > (self.last_saved_step or 0):
             self._save_checkpoint()
             saved = f" after saving checkpoint-{self.step}"
@@ -785,7 +879,7 @@ class Run:
         self._progress_at = time.monotonic()
         if self.uploads is None:
             return
-        self._settle()  # run.json's skip count includes the last step
+        self._settle(raise_later=True)  # run.json's skip count includes the last step (rank 0 alone is here)
         self._write_run_json(status="training")
         self.uploads.add("progress")
 
@@ -815,6 +909,7 @@ class Run:
         """Rank 0 renders and measures while the other ranks wait; a stop on any rank abandons
         the round at the next sampler step (no images of it are logged). All ranks return the
         same answer: True when a stop was requested."""
+        self._settle()  # run.json, written below, counts the last step's skip
         self._gather_full()
         if self.is_main:
             log.info("validation at step %d: rendering %d prompt(s)", self.step, len(self.caches.prompts))
@@ -852,6 +947,7 @@ class Run:
         from . import export
 
         cfg = self.cfg
+        self._wait_for_save()
         if self.last_saved_step != self.step:
             self._save_checkpoint()
         redo = (f"checkpoint-{self.step} holds the final weights: the next start validates and exports "
@@ -903,6 +999,16 @@ class Run:
         return {"start": self.eval_start, "start_step": self.state.eval_first["step"], "end": self.eval_end, "end_step": self.step}
 
     def close(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None and not inflight[0].reported:  # ending on an error: the checkpoint being written lands
+            bg, config_hash, t0, stall = inflight
+            try:
+                path = bg.result()
+            except Exception as exc:  # noqa: BLE001 - the error that ends the run is the one to report
+                log.warning("checkpoint-%d could not be written (%s); earlier checkpoints are intact", bg.step, exc)
+            else:
+                bg.reported = True
+                self._saved(path, bg.step, config_hash, bg.finished - t0, stall)  # logged, and queued for the Hub
         tracker, self.tracker = getattr(self, "tracker", None), None
         if tracker is not None:
             tracker.close()
