@@ -25,8 +25,9 @@ FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# OS packages: Python + venv (absent from nvidia/cuda images), tini as PID 1 and
-# setpriv (util-linux) for the start shim to drop root.
+# OS packages: Python + venv (absent from nvidia/cuda images), tini as PID 1,
+# setpriv (util-linux) for the start shim to drop root, and gcc with the Python headers
+# for compile_transformer (Triton builds its kernel launchers with them on first use).
 # The CA secret also serves apt for https mirrors behind an intercepting proxy.
 RUN --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then \
@@ -34,7 +35,7 @@ RUN --mount=type=secret,id=ca \
     fi; \
     apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates python3 python3-venv tini util-linux \
+        ca-certificates python3 python3-venv python3-dev gcc libc6-dev tini util-linux \
     && rm -rf /var/lib/apt/lists/* /etc/apt/apt.conf.d/99build-ca
 
 ENV VIRTUAL_ENV=/opt/venv \

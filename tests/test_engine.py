@@ -402,3 +402,31 @@ def test_nf4_kernel_refusal_is_a_config_error_on_any_cpu(tmp_path, monkeypatch):
         models.load_text_encoder(folder, cfg, cpu)
     message = caught.value.message
     assert "4-bit kernel refused to run" in message and "SANA_TEXT_ENCODER_1_PRECISION=no_change" in message
+
+
+def test_compile_transformer_trains_the_demo_like_eager(demo_run, shared_workspace, tmp_path):  # demo_run: caches
+    """compile_transformer=true on the CPU (inductor): the blocks are compiled (logged), the losses follow the
+    eager run's within float tolerance (inductor fuses and reorders fp32 math), validation renders (eager), and
+    the checkpoint and the export keep the eager state_dict keys."""
+    from safetensors import safe_open
+
+    steps = {"SANA_MAX_TRAIN_STEPS": "6", "SANA_CHECKPOINTING_STEPS": "3", "SANA_VALIDATION_STEPS": "6",
+             "SANA_LOGGING_STEPS": "1"}
+    eager = run_cli(cli_env(shared_workspace, tmp_path / "eager", **steps))
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled = run_cli(cli_env(shared_workspace, tmp_path / "compiled", SANA_COMPILE_TRANSFORMER="true", **steps),
+                       timeout=900)
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "transformer blocks compiled with torch.compile" in compiled.stderr
+    assert "compiled with torch.compile" not in eager.stderr
+    a, b = ([x["loss"] for x in _loss_lines(tmp_path / name)] for name in ("eager", "compiled"))
+    assert len(a) == len(b) == 6
+    assert all(abs(x - y) <= 1e-3 * abs(x) for x, y in zip(a, b)), (a, b)
+    assert list((tmp_path / "compiled" / "validation").rglob("*.png"))
+
+    def keys(path: Path) -> list[str]:
+        with safe_open(path, "pt") as handle:
+            return sorted(handle.keys())
+
+    for rel in ("checkpoints/checkpoint-3/transformer.safetensors", "transformer.safetensors"):
+        assert keys(tmp_path / "compiled" / rel) == keys(tmp_path / "eager" / rel), rel

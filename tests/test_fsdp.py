@@ -123,6 +123,7 @@ def test_sharded_checkpoints_on_node_local_disks_are_whole_on_every_machine(shar
 @pytest.mark.parametrize(("extra", "named"), [
     ({"SANA_OPTIMIZER": "optimi-adamw"}, "optimizer='optimi-adamw'"),
     ({"SANA_MIXED_PRECISION": "fp16"}, "mixed_precision='fp16'"),
+    ({"SANA_COMPILE_TRANSFORMER": "true"}, "compile_transformer=True"),
 ])
 def test_fsdp_refuses_what_it_cannot_train(tmp_path, extra, named):
     with pytest.raises(ConfigError) as exc:

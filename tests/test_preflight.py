@@ -146,3 +146,20 @@ def test_nickname_collisions_are_made_unique_never_dropped(workspace, capsys, mo
     assert code == 0
     assert "# warning: user_prompt_library entry 'a_b' is saved as 'a_b_2' ('a_b' is taken by 'a/b')" in out
     assert "entry 'Cat' is saved as 'Cat_3' (the nickname appears twice in the library)" in out  # cat_2 is taken
+
+
+def test_compile_transformer_without_a_compiler_is_refused_with_the_fix(workspace, capsys, monkeypatch, tmp_path):
+    """torch.compile builds kernels with a compiler: on a machine without one (here: a PATH with none on it) the
+    setting is refused before anything runs, naming what is missing and how to get it; with one it passes."""
+    monkeypatch.setenv("SANA_COMPILE_TRANSFORMER", "true")
+    code, out, err = config_verb(capsys)
+    assert code == 0, err
+    empty = tmp_path / "no-tools"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("CXX", raising=False)
+    code, _, err = config_verb(capsys)
+    assert code == 2
+    assert "compile_transformer=true (from env:SANA_COMPILE_TRANSFORMER)" in err and "a C++ compiler (g++)" in err
+    assert "apt-get install gcc g++ python3-dev" in err and "compile_transformer: false" in err

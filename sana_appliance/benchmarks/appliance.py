@@ -12,7 +12,8 @@ only these changed: ``max_train_steps``, a checkpoint halfway (written in the ba
 validation round (1024x1024, at the end),
 logging every step, ``num_processes: 1``. Presets: ``24g``, ``lowest-vram`` (text encoder in nf4 while
 caching), ``multi-gpu`` (its per-GPU config on one process), ``fsdp`` (multi-gpu with
-``distributed_strategy: fsdp`` and torch AdamW, as FSDP requires).
+``distributed_strategy: fsdp`` and torch AdamW, as FSDP requires), ``24g-compiled`` (24g with
+``compile_transformer: true``: compiled blocks against the eager 24g).
 
 Reported per preset, from the run's own records (run.json, metrics.jsonl) and the parent's watch:
 - samples/s over the steps after ``--warmup`` (metrics.jsonl's ``elapsed_s``), MFU and HFU from the
@@ -48,6 +49,7 @@ RUNS = {  # preset run name -> the environment beside the common one
     "lowest-vram": {"PRESET": "lowest-vram"},
     "multi-gpu": {"PRESET": "multi-gpu"},
     "fsdp": {"PRESET": "multi-gpu", "SANA_DISTRIBUTED_STRATEGY": "fsdp", "SANA_OPTIMIZER": "adamw"},
+    "24g-compiled": {"PRESET": "24g", "SANA_COMPILE_TRANSFORMER": "true"},  # compile_transformer on vs 24g off
 }
 # Phase markers in the run's log (run/train.py, data/precompute.py): the device-wide samples between them.
 CACHING_STARTS = "caching text embeddings"

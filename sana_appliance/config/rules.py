@@ -90,6 +90,9 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
         if cfg["mixed_precision"] == "fp16":
             say("mixed_precision", "distributed_strategy=fsdp does not support fp16 (its loss scaler's overflow check "
                 "is not agreed across shards): use mixed_precision: bf16")
+        if cfg["compile_transformer"]:
+            say("compile_transformer", "compiling the blocks is not supported with distributed_strategy=fsdp yet: "
+                "set compile_transformer: false (or distributed_strategy: ddp)")
     model = str(cfg["pretrained_model_name_or_path"])
     if model.startswith("builtin:") and model not in BUILTIN_MODELS:
         say("pretrained_model_name_or_path", f"no such built-in model; the built-in ones are {', '.join(BUILTIN_MODELS)}")

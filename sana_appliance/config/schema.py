@@ -156,6 +156,13 @@ class TrainConfig:
     gradient_checkpointing_interval: int = _opt(
         1, "Checkpoint every n-th transformer block (needs gradient_checkpointing).", minimum=1
     )
+    compile_transformer: bool = _opt(
+        False,
+        "torch.compile each transformer block (inductor) for training; validation stays eager. The first step "
+        "at each new bucket shape compiles (tens of seconds); needs a C/C++ compiler and the Python headers "
+        "(the image has them); the kernels are kept in $WORKSPACE/cache/torch-compile for the next start. Not "
+        "with distributed_strategy fsdp.",
+    )
     allow_tf32: bool = _opt(True, "Allow TF32 matmuls on Ampere and newer.")
     vae_cache_disable: bool = _opt(
         False, "Encode images with the VAE at every step instead of caching latents on disk."

@@ -448,6 +448,15 @@ def _checkpointed_forward(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
+def compile_blocks(transformer) -> int:
+    """torch.compile every transformer block in place (``nn.Module.compile``: the module objects and the
+    state_dict keys stay as they are; a checkpointed block's wrapper is compiled with it). Shapes that change
+    (buckets) are compiled once more, then as dynamic. Returns how many blocks."""
+    for block in transformer.transformer_blocks:
+        block.compile()
+    return len(transformer.transformer_blocks)
+
+
 def enable_block_checkpointing(transformer, interval: int) -> int:
     """Recompute every `interval`-th transformer block in backward.
 

@@ -49,6 +49,13 @@ def check(resolved: Resolved, *, training: bool) -> Findings:
             import_bitsandbytes_for_nf4()
         except ConfigError as exc:
             found.problems.extend(exc.problems)
+    if cfg.compile_transformer:
+        missing = compile_toolchain_missing()
+        if missing:
+            found.problems.append(f"compile_transformer=true (from {where['compile_transformer']}): torch.compile "
+                                  f"builds its kernels with a C/C++ compiler and the Python headers, and this machine "
+                                  f"lacks {', '.join(missing)}: install them (Debian/Ubuntu: apt-get install gcc "
+                                  "g++ python3-dev) or set compile_transformer: false")
     if cfg.user_prompt_library:
         try:
             found.notes.extend(load_prompt_set(cfg, where["user_prompt_library"]).renamed)
@@ -57,6 +64,25 @@ def check(resolved: Resolved, *, training: bool) -> Findings:
         if not cfg.validation_steps:
             found.notes.append("user_prompt_library has no effect: validation_steps is 0 (validation disabled)")
     return found
+
+
+def compile_toolchain_missing() -> list[str]:
+    """What torch.compile needs here and this machine lacks: on a GPU a C compiler (Triton builds its
+    launchers), on the CPU a C++ compiler (inductor's kernels), and Python.h for both."""
+    import shutil
+    import sysconfig
+
+    import torch
+
+    missing = []
+    if torch.cuda.is_available():
+        if not any(shutil.which(c) for c in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang"))):
+            missing.append("a C compiler (gcc)")
+    elif not any(shutil.which(c) for c in filter(None, (os.environ.get("CXX"), "c++", "g++", "clang++"))):
+        missing.append("a C++ compiler (g++)")
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        missing.append(f"the Python headers ({sysconfig.get_paths()['include']}/Python.h)")
+    return missing
 
 
 def unwritable(path: Path) -> str | None:

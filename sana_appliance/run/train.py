@@ -246,6 +246,14 @@ class Run:
         transformer = self.parts.transformer.to(self.device)
         if cfg.gradient_checkpointing:
             models.enable_block_checkpointing(transformer, cfg.gradient_checkpointing_interval)
+        if cfg.compile_transformer:
+            # Compiled kernels are kept in the workspace: a restart or a resume on the same volume reuses them.
+            compiled = self.resolved.workspace.cache_dir / "torch-compile"
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compiled / "inductor"))
+            os.environ.setdefault("TRITON_CACHE_DIR", str(compiled / "triton"))
+            count = models.compile_blocks(transformer)
+            log.info("compile_transformer: %d transformer blocks compiled with torch.compile (inductor); the first "
+                     "step at each new shape compiles, validation runs eager", count)
         if self.fsdp:
             transformer, units = fsdp.shard(transformer, self.device, cfg.mixed_precision)
             log.info("FSDP: %d fully_shard units (the transformer's %s, and the root)", units,
@@ -643,13 +651,20 @@ class Run:
         was_training = transformer.training
         transformer.eval()
         total = 0.0
-        with self._plain_on_device():
+        with self._plain_on_device(), self._eager():
             for i in range(count):
                 item = dataset[i]
                 batch = {k: v[None] for k, v in item.items()}
                 total += float(flow_loss(setup, batch, generator, sigmas=sigmas[i:i + 1], dropout=False))
         transformer.train(was_training)
         return total / max(1, count)
+
+    def _eager(self):
+        """Compiled blocks run eager here (validation, the eval loss): their shapes (no grad, CFG pairs, other
+        sizes) would otherwise each compile once more, for a few calls."""
+        if not self.cfg.compile_transformer:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("force_eager")
 
     def _plain_on_device(self):
         if not self.fsdp:
@@ -677,7 +692,7 @@ class Run:
             transformer, context = self.plain, self._ema_in_plain()
         else:
             context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
-        with context:  # restores the training weights also when a stop abandons the round
+        with context, self._eager():  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
                                              device=self.device, dtype=self.weight_dtype, check=self.vote.check,
