@@ -191,3 +191,16 @@ def test_appliance_benchmark_without_cuda_says_so_and_exits_0():
     proc = subprocess.run([sys.executable, "-m", "sana_appliance.benchmarks.appliance"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "no CUDA device" in proc.stdout
+
+
+def test_rounding_benchmark_tiny_times_bare_eager_and_compiled_lion(tmp_path, capsys):
+    """The faithful 8-bit Lion against the bare one on Sana 1.6B's block shapes (shrunk), on CPU: all three
+    variants run, the compiled one really with its compiled kernels, and the ratios are reported."""
+    from sana_appliance.benchmarks import rounding
+
+    out = tmp_path / "r.json"
+    results = rounding.main(["--tiny", "--shrink", "8", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["variants"].keys() == {"bare", "eager", "compiled"}
+    assert results["tensors"] == 19 and all(v["median_step_s"] > 0 for v in results["variants"].values())
+    assert results["variants"]["bare"]["vs_bare"] == 1.0
+    assert "of bare" in capsys.readouterr().out

@@ -19,9 +19,10 @@ weights:
   optimizer steps an fp32 working copy of (bf16 + extra bits), a chunk of parameters
   at a time, and the result is stochastically rounded to 8+k mantissa bits. The
   stored weight is then unbiased (no update is lost, however small) and its rounding
-  noise is 2^-k of a bf16 spacing. The random bits come from a torch.Generator seeded
-  from ``seed`` and saved in ``state_dict()``, so resume is bit-exact, and every
-  data-parallel rank draws the same bits, which keeps replicas identical.
+  noise is 2^-k of a bf16 spacing. The random bits are a hash of (``seed``, the step
+  count, the element's place among the parameters), the step count is saved in
+  ``state_dict()``, so resume is bit-exact, and every data-parallel rank (and device type)
+  draws the same bits, which keeps replicas identical.
 
 The table :data:`OPTIMIZERS` is the one place an optimizer is declared: its name (and
 SimpleTuner spellings), how the library optimizer is built, its bf16 policy and its state
@@ -43,11 +44,14 @@ lion                  4             4    (bf16 m + bf16 Kahan buffer)
 The 8-bit states add one fp32 scale per 256 values (0.016 B/param per state), and
 bitsandbytes keeps tensors under 4096 elements in 32-bit state (biases, norms:
 negligible in a large model). Temporaries during ``step`` are bounded per chunk
-(default 2^25 elements: 256 MiB of fp32 weights + grads, plus ~8 B per element of
-the largest tensor while it is rounded), never a full fp32 copy. Measured on an H200
-with Sana-1.6B-shaped bf16 tensors: paged 8-bit Lion steps in ~180 ms through the
-wrapper vs ~50 ms for bitsandbytes alone (which loses the updates), peak temporaries
-~460 MiB.
+(default 2^25 elements: 256 MiB of fp32 weights + grads, plus ~14 B per element of
+the largest tensor while it is rounded eagerly, 2.5 B compiled), never a full fp32 copy.
+Measured on an H200 with Sana-1.6B-shaped bf16 tensors, with the earlier eager rounding
+(torch.randint noise, ~13 small kernels per parameter): paged 8-bit Lion steps in ~180 ms
+through the wrapper vs ~50 ms for bitsandbytes alone (which loses the updates), peak
+temporaries ~460 MiB. The noise is now a hash (model/precision.py), ~30 small kernels per
+parameter eagerly (slower than before), one compiled kernel each for compose and rounding
+on a GPU. Not measured on a GPU yet: benchmarks/rounding.py in the GPU session does.
 
 Gradients are consumed by ``step``: torch-optimi's Kahan path uses ``.grad`` as
 scratch space, so read gradient norms before stepping, never after.
