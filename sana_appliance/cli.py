@@ -139,6 +139,8 @@ def _print_presets() -> None:
     for p in rows:
         print(f"{p.name:<{width}}  {p.description}")
         print(f"{'':<{width}}  hardware: {p.hardware}; memory: {p.memory}")
+        if p.choose:
+            print(f"{'':<{width}}  choose it: {p.choose}")
 
 
 def _check_hub_access(resolved: Resolved) -> None:

@@ -13,5 +13,6 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
   -d .whl "$(pin diffusers)" "$(pin bitsandbytes)" "$(pin torch-optimi)" "$(pin tenacity)" "$(pin transformers)" \
-  "$(pin huggingface_hub)" "$(pin httpx2)" "$(pin httpcore2)" "$(pin truststore)" "$(pin click)"
+  "$(pin huggingface_hub)" "$(pin httpx2)" "$(pin httpcore2)" "$(pin truststore)" "$(pin click)" "$(pin peft)" \
+  "$(pin lycoris-lora)" "$(pin einops)" "$(pin toml)"
 du -sh .whl

@@ -13,7 +13,7 @@ export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1
 # Real imports (diffusers loads lazily): a missing or mismatched wheel ends the call here, not minutes in.
 python3 -c "from diffusers import SanaPipeline, AutoencoderDC; from transformers import Gemma2Model
-import bitsandbytes, optimi, tenacity, huggingface_hub, sana_appliance.run.train
+import bitsandbytes, optimi, tenacity, huggingface_hub, peft, lycoris, sana_appliance.run.train
 print('imports ok: huggingface_hub', huggingface_hub.__version__)" > "$out/imports.log" 2>&1 || { cat "$out/imports.log"; exit 4; }
 df -h /tmp > "$out/disk.txt" 2>&1
 # The faithful 8-bit Lion against the bare one on all of Sana 1.6B's shapes (about a minute), then the presets.

@@ -157,12 +157,18 @@ def test_appliance_benchmark_tiny_runs_the_real_cli_per_preset_and_reads_its_rec
     from sana_appliance.benchmarks import appliance
 
     out = tmp_path / "a.json"
-    code = appliance.main(["--tiny", "--presets", "24g", "lowest-vram", "fsdp", "--steps", "6", "--root",
+    code = appliance.main(["--tiny", "--presets", "24g", "lowest-vram", "lowest-vram-lokr", "fsdp", "--steps", "6", "--root",
                            str(tmp_path / "root"), "--out", str(out), "--log", str(tmp_path / "runs.log")])
     summary = json.loads(out.read_text())
     assert code == 0, [r.get("log_tail") for r in summary["results"]]
     by = {r["preset"]: r for r in summary["results"]}
-    assert sorted(by) == ["24g", "fsdp", "lowest-vram"]
+    assert sorted(by) == ["24g", "fsdp", "lowest-vram", "lowest-vram-lokr"]
+    lokr = by["lowest-vram-lokr"]  # the preset itself, end to end on the tiny model: LoKr on the nf4 base
+    assert (lokr["model_type"], lokr["base_precision"], lokr["optimizer"]) == ("lora", "nf4-bnb", "bnb-lion8bit-paged")
+    from sana_appliance.benchmarks import gpu
+
+    full, frozen = (gpu.train_flops(gpu.SANA_1600M, 32, 300, frozen_base=f)["model"] for f in (False, True))
+    assert frozen == pytest.approx(full * 2 / 3)  # a frozen base has no weight gradients: 2 forwards a step, not 3
     assert by["24g"]["optimizer"] == "optimi-adamw" and by["lowest-vram"]["optimizer"] == "bnb-lion8bit-paged"
     assert by["fsdp"]["strategy"] == "fsdp" and by["fsdp"]["optimizer"] == "adamw"
     for r in by.values():

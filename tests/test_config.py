@@ -71,13 +71,17 @@ def test_every_key_settable_from_env_and_typed(tmp_path):
             env.update(HF_TOKEN="hf_x", SANA_HUB_MODEL_ID="me/model")
         if f.name == "gradient_checkpointing_interval":
             env["SANA_GRADIENT_CHECKPOINTING"] = "true"
+        if f.name.startswith("lora_") or f.name == "lycoris_config":  # adapter keys act with model_type lora
+            env["SANA_MODEL_TYPE"] = "lora"
+            if f.name == "lycoris_config":
+                env["SANA_LORA_TYPE"] = "lycoris"
         if f.name == "push_checkpoints_to_hub":
             with pytest.raises(ConfigError, match="push_checkpoints_to_hub=True .*needs push_to_hub: true"):
                 resolve(env)  # checkpoints go to the repo the final model goes to
             env["SANA_PUSH_TO_HUB"] = "true"
         r = resolve(env)
         got = getattr(r.config, f.name)
-        if f.name in ("output_dir", "data_backend_config", "user_prompt_library"):
+        if f.name in ("output_dir", "data_backend_config", "user_prompt_library", "lycoris_config"):
             assert got.endswith(raw), (f.name, got)
         else:
             assert got == want and type(got) is type(want), (f.name, got)
@@ -204,12 +208,14 @@ def test_nf4_full_rank_is_refused_with_pointer(tmp_path):
     assert "base_model_precision='nf4-bnb'" in text and "cannot be trained" in text and "lowest-vram" in text
 
 
-def test_lora_is_refused(tmp_path):
+def test_simpletuner_lora_keys_are_read_not_ignored(tmp_path):
     path = tmp_path / "c.json"
-    path.write_text(json.dumps({"--model_type": "lora"}))
-    with pytest.raises(ConfigError) as exc:
-        resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
-    assert "full-rank" in problems_of(exc)
+    path.write_text(json.dumps({"--model_type": "lora", "--lora_type": "lycoris", "--lycoris_config": "config/l.json",
+                                "--base_model_precision": "nf4-bnb"}))
+    r = resolve(env_for(tmp_path, CONFIG_PATH=str(path)))
+    assert (r.config.model_type, r.config.lora_type, r.config.base_model_precision) == ("lora", "lycoris", "nf4-bnb")
+    assert r.config.lycoris_config == str(tmp_path / "config" / "l.json")  # relative paths resolve in the workspace
+    assert not any("lycoris" in w or "lora" in w for w in r.warnings)
 
 
 def test_cross_field_rules(tmp_path):
@@ -262,7 +268,7 @@ def test_secrets_never_in_config_or_errors(tmp_path):
 # ---------------------------------------------------------------- presets
 
 
-@pytest.mark.parametrize("name", ["demo", "lowest-vram", "24g", "multi-gpu"])
+@pytest.mark.parametrize("name", ["demo", "lowest-vram", "lowest-vram-lokr", "24g", "multi-gpu"])
 def test_every_preset_resolves_and_documents_itself(tmp_path, name):
     preset = presets.load(name)
     header = preset.path.read_text().splitlines()[:4]
@@ -271,6 +277,15 @@ def test_every_preset_resolves_and_documents_itself(tmp_path, name):
     r = resolve(env_for(tmp_path, PRESET=name))
     assert isinstance(r.config, TrainConfig)
     assert all(r.provenance[k] == f"preset:{name}" for k in preset.values)
+
+
+def test_lowest_vram_lokr_is_the_guides_table(tmp_path):
+    c = resolve(env_for(tmp_path, PRESET="lowest-vram-lokr")).config
+    assert (c.model_type, c.lora_type, c.base_model_precision, c.quantize_via) == ("lora", "lycoris", "nf4-bnb", "cpu")
+    assert c.optimizer == "bnb-lion8bit-paged" and c.learning_rate == 2e-5  # the guide: 2e-5 for LoKr with Lion
+    assert c.train_batch_size == 1 and c.gradient_accumulation_steps == 1 and c.gradient_checkpointing
+    assert c.validation_resolution == "1024x1024" and c.mixed_precision == "bf16"
+    assert "lowest-vram" in presets.load("lowest-vram-lokr").choose
 
 
 def test_lowest_vram_is_true_full_rank(tmp_path):
@@ -312,7 +327,7 @@ def test_entrypoint_and_console_script_agree(tmp_path):
     a = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "presets"], capture_output=True, text=True, env=env)
     b = subprocess.run([sys.executable, "-m", "sana_appliance", "presets"], capture_output=True, text=True, env=env)
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout
-    for name in ("demo", "lowest-vram", "24g", "multi-gpu"):
+    for name in ("demo", "lowest-vram", "lowest-vram-lokr", "24g", "multi-gpu"):
         assert name in a.stdout
     bad = subprocess.run([sys.executable, str(ROOT / "entrypoint.py"), "config"], capture_output=True, text=True,
                          env={**env, "SANA_LEARNING_RATE": "abc"})

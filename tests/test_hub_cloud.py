@@ -69,14 +69,15 @@ def wait_for(condition, timeout_s: float, proc=None) -> None:
         time.sleep(0.05)
 
 
-def assert_everything_on_the_hub(hub: FakeHub, output: Path, checkpoints: bool = True) -> None:
+def assert_everything_on_the_hub(hub: FakeHub, output: Path, checkpoints: bool = True, full_rank: bool = True) -> None:
     files = repo_files(hub)
     for folder in sorted((output / "checkpoints").glob("checkpoint-*")) if checkpoints else []:
         prefix = checkpoint_prefix(output, int(folder.name.split("-")[1]))
         assert {k: v for k, v in files.items() if k.startswith(prefix)} == local_tree(folder, prefix)
     for name, data in local_tree(output / "final").items():
         assert files[name] == data, name
-    assert files["transformer.safetensors"] == (output / "transformer.safetensors").read_bytes()
+    for name in ("transformer.safetensors",) if full_rank else ("adapter.safetensors", "adapter_ema.safetensors"):
+        assert files[name] == (output / name).read_bytes(), name
     assert files["run/metrics.jsonl"] == (output / "metrics.jsonl").read_bytes()
     assert files["run/run.json"] == (output / "run.json").read_bytes()
     for name, data in local_tree(output / "validation", "run/validation/").items():

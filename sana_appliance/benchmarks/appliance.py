@@ -13,7 +13,8 @@ validation round (1024x1024, at the end),
 logging every step, ``num_processes: 1``. Presets: ``24g``, ``lowest-vram`` (text encoder in nf4 while
 caching), ``multi-gpu`` (its per-GPU config on one process), ``fsdp`` (multi-gpu with
 ``distributed_strategy: fsdp`` and torch AdamW, as FSDP requires), ``24g-compiled`` (24g with
-``compile_transformer: true``: compiled blocks against the eager 24g).
+``compile_transformer: true``: compiled blocks against the eager 24g), ``lowest-vram-lokr`` (LoKr on the nf4 base,
+the guide's lowest-VRAM recipe; its MFU counts 2 forwards a step, the frozen base having no weight gradients).
 
 Reported per preset, from the run's own records (run.json, metrics.jsonl) and the parent's watch:
 - samples/s over the steps after ``--warmup`` (metrics.jsonl's ``elapsed_s``), MFU and HFU from the
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNS = {  # preset run name -> the environment beside the common one
     "24g": {"PRESET": "24g"},
     "lowest-vram": {"PRESET": "lowest-vram"},
+    "lowest-vram-lokr": {"PRESET": "lowest-vram-lokr"},  # LoKr on the nf4 base (the guide's lowest-VRAM table)
     "multi-gpu": {"PRESET": "multi-gpu"},
     "fsdp": {"PRESET": "multi-gpu", "SANA_DISTRIBUTED_STRATEGY": "fsdp", "SANA_OPTIMIZER": "adamw"},
     "24g-compiled": {"PRESET": "24g", "SANA_COMPILE_TRANSFORMER": "true"},  # compile_transformer on vs 24g off
@@ -214,12 +216,14 @@ def run_preset(name: str, root: Path, config: Path, args) -> dict:
     blocks = model_config["num_layers"]
     interval = cfg.get("gradient_checkpointing_interval") or 1
     recomputed = (blocks + interval - 1) // interval if cfg.get("gradient_checkpointing") else 0
-    flops = gpu.train_flops(model_config, hw, cfg["tokenizer_max_length"], recomputed_blocks=recomputed)
+    flops = gpu.train_flops(model_config, hw, cfg["tokenizer_max_length"], recomputed_blocks=recomputed,
+                            frozen_base=cfg.get("model_type") == "lora")
     caches = run.get("caches", {})
     timings = run.get("timings_s", {})
     result.update(
         batch=f"{cfg['train_batch_size']}x{cfg['gradient_accumulation_steps']}", optimizer=cfg["optimizer"],
         strategy=cfg.get("distributed_strategy"), mixed_precision=cfg["mixed_precision"],
+        model_type=cfg.get("model_type"), base_precision=cfg.get("base_model_precision"),
         text_encoder_precision=cfg.get("text_encoder_1_precision"), checkpointed_blocks=recomputed,
         samples_per_s=round(samples_per_s, 3) if samples_per_s else None,
         step_s_median=round(statistics.median(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(steps, steps[1:])), 4)

@@ -74,8 +74,11 @@ TINY = dict(
 TINY_INPUTS = {"latent_hw": 8, "text_tokens": 12}
 
 
-def train_flops(config: dict, latent_hw: int, text_tokens: int, recomputed_blocks: int = 0) -> dict[str, float]:
-    """Analytic training FLOPs per sample (module docstring): model, hardware, one block forward."""
+def train_flops(config: dict, latent_hw: int, text_tokens: int, recomputed_blocks: int = 0,
+                frozen_base: bool = False) -> dict[str, float]:
+    """Analytic training FLOPs per sample (module docstring): model, hardware, one block forward. ``frozen_base``
+    (model_type lora): the backward computes activation gradients only, no weight gradients of the base, so a
+    step is 2 forwards instead of 3 (the adapter's own FLOPs are negligible)."""
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     dim = heads * head_dim
     cross_dim = config["num_cross_attention_heads"] * config["cross_attention_head_dim"]
@@ -98,7 +101,7 @@ def train_flops(config: dict, latent_hw: int, text_tokens: int, recomputed_block
     )
     forward = 2 * (config["num_layers"] * block_macs + outer_macs)
     block_forward = 2 * block_macs
-    model = 3 * forward
+    model = (2 if frozen_base else 3) * forward
     return {"model": model, "hardware": model + recomputed_blocks * block_forward, "block_forward": block_forward}
 
 

@@ -21,6 +21,7 @@ class Preset:
     memory: str
     values: dict[str, Any]
     path: Path
+    choose: str = ""  # when to pick it over its neighbours (`sana-appliance presets` prints it)
 
 
 def presets_dir() -> Path:
@@ -57,4 +58,5 @@ def load(name: str, directory: Path | None = None) -> Preset:
         memory=str(meta.get("memory", "")),
         values=values,
         path=path,
+        choose=str(meta.get("choose", "")),
     )

@@ -41,7 +41,7 @@ ENV_PREFIX = "SANA_"
 # Environment variables with a meaning of their own (besides SANA_<KEY>).
 ENV_ALIASES = {"OUTPUT_DIR": "output_dir", "DATALOADER_CONFIG": "data_backend_config"}
 SECRET_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-PATH_KEYS = ("output_dir", "data_backend_config", "user_prompt_library")
+PATH_KEYS = ("output_dir", "data_backend_config", "user_prompt_library", "lycoris_config")
 CONFIG_FILE_NAMES = ("config.yaml", "config.yml", "config.json")
 
 
@@ -344,12 +344,6 @@ def resolve_collecting(env: Mapping[str, str], cli: CliArgs = CliArgs(),
             value = alias
         if key == "sana_complex_human_instruction" and value.strip().lower() in _INSTRUCTION_WORDS:
             value = _INSTRUCTION_WORDS[value.strip().lower()]  # `false` / `no` mean no instruction, not the text "no"
-        if key == "model_type" and value != "full":
-            problems.append(
-                f"model_type={value!r} (from {source}): only full-rank fine-tuning is supported; "
-                "set model_type: full (LoRA and LyCORIS are not)"
-            )
-            return
         values[key] = value
         where[key] = source
 

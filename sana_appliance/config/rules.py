@@ -16,8 +16,9 @@ from .schema import field_map
 if TYPE_CHECKING:
     from ..core.workspace import Credentials, HubSettings
 
+ADAPTER_BASE_PRECISIONS = ("nf4-bnb", "int8-bnb")  # model/adapters.py quantizes the frozen base with bitsandbytes
 QUANTIZED_PRECISIONS = {
-    "nf4-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
+    "nf4-bnb", "int8-bnb", "int8-quanto", "int4-quanto", "int2-quanto", "fp8-quanto", "fp8uz-quanto",
     "int8-torchao", "fp8-torchao", "int4-torchao",
 }
 # Sana's DC-AE compresses 32x and the transformer's patch is 1: image sides are multiples of 32.
@@ -73,16 +74,42 @@ def cross_field(cfg: dict[str, Any], where: dict[str, str], cred: Credentials, h
         problems.append(f"{key}={cfg[key]!r} (from {where[key]}): {rule}")
 
     precision = str(cfg["base_model_precision"]).lower()
-    if precision in QUANTIZED_PRECISIONS:
+    adapter = cfg["model_type"] == "lora"
+    if precision in QUANTIZED_PRECISIONS and not adapter:
         say(
             "base_model_precision",
             "quantized weights cannot be trained in a full-rank fine-tune (model_type: full). "
-            "Use `no_change`; for the smallest memory use PRESET=lowest-vram, which trains bf16 "
-            "weights with 8-bit Lion and quantizes only the frozen text encoder "
-            "(text_encoder_1_precision: nf4-bnb).",
+            "Train an adapter on the quantized base with model_type: lora (PRESET=lowest-vram-lokr is the guide's "
+            "nf4 + LoKr recipe), or use `no_change`; PRESET=lowest-vram trains full rank in the least memory "
+            "(bf16 weights, 8-bit Lion, only the frozen text encoder quantized).",
         )
-    elif precision != "no_change":
-        say("base_model_precision", "must be `no_change` in a full-rank fine-tune")
+    elif precision in QUANTIZED_PRECISIONS and precision not in ADAPTER_BASE_PRECISIONS:
+        say("base_model_precision", "quanto and torchao quantization are not supported here: use nf4-bnb or int8-bnb "
+            "(bitsandbytes)")
+    elif precision not in ("no_change", *ADAPTER_BASE_PRECISIONS):
+        say("base_model_precision", "must be `no_change`, or with model_type: lora `nf4-bnb` or `int8-bnb`")
+    if adapter:
+        defaults = {f.name: f.default for f in field_map().values()}
+        if cfg["lora_type"] == "standard" and cfg["lycoris_config"] is not None:
+            say("lycoris_config", "is a LyCORIS option and lora_type is `standard` (PEFT LoRA): set lora_type: "
+                "lycoris to train LoKr from this file, or remove lycoris_config")
+        if cfg["lora_type"] == "lycoris":
+            for key in ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"):
+                if cfg[key] != defaults[key]:
+                    say(key, "is a standard-LoRA option and lora_type is `lycoris`: LyCORIS reads its rank, alpha and "
+                        "targets from lycoris_config (linear_dim, linear_alpha, apply_preset); remove it, or set "
+                        "lora_type: standard")
+        if cfg["distributed_strategy"] == "fsdp":
+            say("distributed_strategy", "adapters train with ddp (each GPU holds the frozen base, the adapter is small): "
+                "set distributed_strategy: ddp, or model_type: full")
+        if cfg["compile_transformer"]:
+            say("compile_transformer", "compiling is not supported with an adapter (model_type: lora) yet: set "
+                "compile_transformer: false")
+    else:
+        for key in ("lora_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "lycoris_config",
+                    "lora_export_merged"):
+            if where[key] != "default" and cfg[key] != field_map()[key].default:
+                say(key, "has no effect with model_type: full; set model_type: lora to train an adapter, or remove it")
     if cfg["distributed_strategy"] == "fsdp":  # distributed/fsdp.py: fp32 master weights, sharded
         if cfg["optimizer"] not in FSDP_OPTIMIZERS:
             say("optimizer", "distributed_strategy=fsdp trains with fp32 master weights sharded across the GPUs and "

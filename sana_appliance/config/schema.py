@@ -35,7 +35,37 @@ def _opt(default: Any, doc: str, **rules: Any) -> Any:
 class TrainConfig:
     # --- model -------------------------------------------------------------
     model_type: str = _opt(
-        "full", "Training type. Only `full` (full-rank fine-tune) is supported.", choices=("full",)
+        "full",
+        "Training type: `full` (full-rank fine-tune of the whole transformer) or `lora` (an adapter on the frozen, "
+        "optionally quantized transformer: lora_type chooses PEFT LoRA or LyCORIS/LoKr).",
+        choices=("full", "lora"),
+    )
+    lora_type: str = _opt(
+        "standard",
+        "With model_type lora: `standard` (PEFT LoRA: lora_rank, lora_alpha, lora_dropout, lora_target_modules) or "
+        "`lycoris` (LyCORIS, read from lycoris_config: LoKr by default).",
+        choices=("standard", "lycoris"),
+    )
+    lora_rank: int = _opt(16, "Standard LoRA: rank of each adapter.", minimum=1)
+    lora_alpha: float | None = _opt(
+        None, "Standard LoRA: alpha (the update is scaled by alpha/rank). Empty: equal to lora_rank.", exclusive_minimum=0.0
+    )
+    lora_dropout: float = _opt(0.0, "Standard LoRA: dropout on the adapter's input.", minimum=0.0, maximum=0.9)
+    lora_target_modules: str = _opt(
+        "to_q,to_k,to_v,to_out.0",
+        "Standard LoRA: comma-separated module names the adapters wrap (PEFT names, matched at the end of the module "
+        "path), by default the attention projections of every block.",
+    )
+    lycoris_config: str | None = _opt(
+        None,
+        "LyCORIS: SimpleTuner's lycoris_config.json (algo, multiplier, linear_dim, linear_alpha, factor, apply_preset). "
+        "Empty: the built-in LoKr config (factor 16 on every Attention module). Bypass mode is always on, so a "
+        "quantized base is never rewritten.",
+    )
+    lora_export_merged: bool = _opt(
+        False,
+        "With model_type lora: also export final/merged/, a full pipeline with the adapter merged onto the "
+        "unquantized base weights.",
     )
     model_family: str = _opt("sana", "Model family. Only `sana`.", choices=("sana",))
     pretrained_model_name_or_path: str = _opt(
@@ -51,9 +81,9 @@ class TrainConfig:
     )
     base_model_precision: str = _opt(
         "no_change",
-        "Precision of the TRAINED transformer's stored weights. `no_change` keeps the "
-        "checkpoint's dtype under mixed precision; quantized values (nf4-bnb, int8-quanto, "
-        "...) cannot be trained in full rank and are rejected.",
+        "Precision of the transformer's base weights: `no_change` (the checkpoint's dtype under mixed precision), or, "
+        "with model_type lora only (a frozen base), `nf4-bnb` (4-bit) or `int8-bnb` (8-bit), bitsandbytes quantizing "
+        "every linear layer of the blocks. A quantized base cannot be trained in full rank.",
     )
     text_encoder_1_precision: str = _opt(
         "no_change",
@@ -63,8 +93,8 @@ class TrainConfig:
     )
     quantize_via: str = _opt(
         "accelerator",
-        "Where frozen parts are quantized: `accelerator` or `cpu` (slower, avoids OOM at start "
-        "on <=16 GB cards).",
+        "Where frozen parts (the text encoder, a quantized base) are quantized: `accelerator` or `cpu` (slower, "
+        "avoids OOM at start on <=16 GB cards).",
         choices=("accelerator", "cpu"),
     )
     sana_complex_human_instruction: str = _opt(
@@ -313,10 +343,6 @@ IGNORED_SIMPLETUNER_KEYS: dict[str, str] = {
     "ema_update_interval": "EMA updates every optimizer step",
     "evaluation_type": "CLIP evaluation is not built in",
     "grad_clip_method": "gradients are clipped by norm (max_grad_norm)",
-    "lycoris_config": "only full-rank training is supported",
-    "lora_rank": "only full-rank training is supported",
-    "lora_alpha": "only full-rank training is supported",
-    "lora_type": "only full-rank training is supported",
     "resolution": "set resolution per dataset in the dataloader config",
     "resolution_type": "set resolution_type per dataset in the dataloader config",
     "minimum_image_size": "set minimum_image_size per dataset in the dataloader config",

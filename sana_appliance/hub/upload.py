@@ -90,8 +90,17 @@ def failed(resolved, error: str) -> dict:
 # ---------------------------------------------------------------- checking final/
 
 
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"  # an adapter export's weights (model/adapters.py ADAPTER_FILE)
+
+
 def check_final(folder: Path) -> list[str]:
-    """What is missing or broken in an exported pipeline folder (empty: complete)."""
+    """What is missing or broken in an exported pipeline or adapter folder (empty: complete)."""
+    if not (folder / "model_index.json").exists() and (folder / ADAPTER_WEIGHTS).is_file():  # model_type lora
+        problems = [] if (folder / "README.md").is_file() else [f"{folder / 'README.md'} (the model card) is missing"]
+        if (folder / "merged").exists():
+            problems += check_final(folder / "merged")
+        return problems + [f"{w.parent}/{p}" for w in sorted(folder.glob("*.safetensors"))
+                           if (p := safetensors_problem(w))]
     index = folder / "model_index.json"
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
@@ -164,7 +173,8 @@ def _progress_files(output_dir: Path, job: dict) -> list[tuple[Path, str]]:
 
 
 def _final_files(output_dir: Path, job: dict) -> list[tuple[Path, str]]:
-    singles = [(output_dir / n, n) for n in ("transformer.safetensors", "transformer_ema.safetensors")
+    singles = [(output_dir / n, n) for n in ("transformer.safetensors", "transformer_ema.safetensors",
+                                             "adapter.safetensors", "adapter_ema.safetensors")
                if (output_dir / n).is_file()]
     return _tree_files(output_dir / "final", "") + singles
 

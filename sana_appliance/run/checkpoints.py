@@ -42,9 +42,11 @@ STATE_FILE = "trainer_state.json"
 SHARDED = "sharded"  # torch.distributed.checkpoint shards (distributed_strategy: fsdp)
 # Keys whose change makes a checkpoint unusable (another model, another batch geometry).
 INCOMPATIBLE_KEYS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer",
-                     "distributed_strategy")
+                     "distributed_strategy", "model_type", "lora_type", "lora_rank", "lora_target_modules")
 # What a key missing from an older checkpoint's config meant (it was written before the key existed).
-OLD_DEFAULTS = {"distributed_strategy": "ddp"}
+OLD_DEFAULTS = {"distributed_strategy": "ddp", "lora_type": "standard", "lora_rank": 16, "lora_alpha": None,
+                "lora_dropout": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0", "lycoris_config": None,
+                "lora_export_merged": False}
 # Keys baked into loaded state (optimizer param groups, LR schedule, random streams) that
 # the run re-applies from the current config after loading, and how each then applies.
 REAPPLIED_KEYS = {
@@ -65,7 +67,7 @@ NEUTRAL_KEYS = ("output_dir", "resume_from_checkpoint", "max_train_steps", "num_
                 "checkpointing_steps", "checkpoints_total_limit", "report_to", "push_to_hub", "push_checkpoints_to_hub",
                 "hub_model_id", "hub_retry_window_s", "hub_private", "hub_keep_checkpoints", "hub_sync_interval_s",
                 "hub_upload_wait_s", "hub_stop_upload_s", "tracker_run_name", "tracker_project_name", "logging_steps", "dataloader_num_workers",
-                "num_processes", "max_restarts", "rendezvous_timeout_s")
+                "num_processes", "max_restarts", "rendezvous_timeout_s", "lora_export_merged")
 
 
 def config_hash(config: dict) -> str:

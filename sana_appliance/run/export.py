@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.fsutil import atomic_folder, atomic_save_safetensors
+from ..core.fsutil import atomic_folder, atomic_path, atomic_save_safetensors, canonical_safetensors_header
 
 log = logging.getLogger(__name__)
 COPIED_PARTS = ("model_index.json", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -78,6 +79,84 @@ def export_final(
     return final
 
 
+ADAPTER_SINGLES = ("adapter.safetensors", "adapter_ema.safetensors")  # beside final/, like transformer.safetensors
+
+
+def export_adapter(
+    *,
+    output_dir: Path,
+    transformer,
+    ema,
+    attached,
+    parts,
+    card: str,
+    sample_images: list[Path],
+    dtype: torch.dtype,
+    merged: bool,
+    check: Callable[[], None] = lambda: None,
+) -> Path:
+    """model_type lora: output/final/ holds the adapter in its loadable format (the EMA weights when EMA is on), its
+    model card and samples, and with ``merged`` a full pipeline in final/merged/ (the adapter merged onto the
+    unquantized base). Beside it output/adapter.safetensors (the trained weights) and adapter_ema.safetensors, in
+    the same format. Written atomically; `check` as in export_final."""
+    from ..model import adapters
+
+    def write_single(name: str) -> None:
+        check()
+        with atomic_path(output_dir / name) as tmp:
+            staging = tmp.with_name(tmp.name + ".d")
+            try:
+                written = adapters.save_adapter(transformer, attached, staging, dtype, name=name)
+                canonical_safetensors_header(written)
+                written.replace(tmp)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    write_single(ADAPTER_SINGLES[0])
+    swapped = ema.swapped_into(transformer) if ema is not None else None
+    if swapped is not None:
+        with swapped:
+            write_single(ADAPTER_SINGLES[1])
+    final = output_dir / "final"
+
+    def copy_file(source, dest):
+        check()
+        return shutil.copy2(source, dest)
+
+    with atomic_folder(final, existing="replace") as tmp:
+        with (ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()):
+            weights = adapters.save_adapter(transformer, attached, tmp, dtype)
+        canonical_safetensors_header(weights)
+        if merged:
+            check()
+            folder = tmp / MERGED
+            folder.mkdir()
+            for name in COPIED_PARTS:
+                source = parts.path / name
+                if source.is_dir():
+                    shutil.copytree(source, folder / name, copy_function=copy_file)
+                elif source.is_file():
+                    copy_file(source, folder / name)
+            check()
+            full = adapters.merged_transformer(parts.path, weights, attached, dtype)
+            full.save_pretrained(folder / "transformer", safe_serialization=True)
+            _drop_local_path(folder / "transformer" / "config.json")
+            del full
+            (folder / "README.md").write_text(card, encoding="utf-8")
+        samples = tmp / "samples"
+        samples.mkdir()
+        for image in sample_images:
+            copy_file(image, samples / image.name)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        check()
+    log.info("exported the %s adapter to %s%s", "LyCORIS" if attached.kind == adapters.LYCORIS else "LoRA", final,
+             f" (and the merged pipeline to {final / MERGED})" if merged else "")
+    return final
+
+
+MERGED = "merged"
+
+
 def _drop_local_path(config_file: Path) -> None:
     """diffusers records the folder the model was loaded from (`_name_or_path`: the workspace's cache); without
     it the export names no local path and its bytes are the same in any workspace."""
@@ -112,23 +191,33 @@ def _call_options(config: dict) -> str:
 def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict,
                resume_history: list[dict] | None = None, colour_score: dict | None = None,
                report_link: dict[str, str] | None = None) -> str:
-    """A Hub model card. `config` must already be redacted."""
+    """A Hub model card. `config` must already be redacted. With model_type lora it describes the adapter and how
+    to load it (diffusers for a LoRA, LyCORIS or ComfyUI for LoKr, and the merged pipeline when exported)."""
     base = model_info.get("repo_id") or model_info.get("name")
     revision = model_info.get("commit_sha") or model_info.get("version") or "local"
     keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "train_batch_size",
             "gradient_accumulation_steps", "max_grad_norm", "caption_dropout_probability", "flow_schedule_shift",
             "flow_schedule_auto_shift", "use_ema", "ema_decay", "seed", "sana_complex_human_instruction"]
+    lora = config.get("model_type") == "lora"
+    lycoris = lora and config.get("lora_type") == "lycoris"
+    if lora:
+        keys = ["model_type", "lora_type", "base_model_precision", "quantize_via"] + (
+            ["lycoris_config"] if lycoris else ["lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"]) + keys
+    kind = "LyCORIS (LoKr) adapter" if lycoris else "LoRA adapter" if lora else "Full-rank fine-tune"
+    tag = "lycoris" if lycoris else "lora" if lora else "full-rank-fine-tune"
     lines = [
         "---",
         "library_name: diffusers",
         "pipeline_tag: text-to-image",
         f"base_model: {base}",
-        "tags: [sana, text-to-image, full-rank-fine-tune, sana-appliance]",
+        f"tags: [sana, text-to-image, {tag}, sana-appliance]",
         "---",
         "",
-        f"# Sana fine-tune of `{base}`",
+        f"# Sana {'adapter for' if lora else 'fine-tune of'} `{base}`",
         "",
-        f"Full-rank fine-tune trained with sana-appliance for {steps} optimizer steps.",
+        f"{kind} trained with sana-appliance for {steps} optimizer steps"
+        + (f" on the base transformer in {config.get('base_model_precision')}."
+           if lora and config.get("base_model_precision") != "no_change" else "."),
         f"Base model: `{base}` at revision `{revision}`.",
         "",
         "## Datasets",
@@ -165,10 +254,36 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
                   "grids over time, and the dataset summary and data report."]
     lines += ["", "## Samples", ""]
     lines += [f"![{name}](samples/{name})" for name in samples]
-    lines += [
-        "", "## Use", "", "```python", "import torch", "from diffusers import SanaPipeline",
-        f"pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', dtype=torch.{_dtype_name(config)})",
-        "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')",
-        f"image = pipe({config.get('validation_prompt')!r}{_call_options(config)}).images[0]", "```", "",
-    ]
+    dtype = _dtype_name(config)
+    # A Hub base is named by its repo id; a local or built-in one by a placeholder for its folder.
+    source = repr(model_info["repo_id"]) if model_info.get("repo_id") else "'PATH_TO_THE_BASE_MODEL_FOLDER'"
+    call = f"image = pipe({config.get('validation_prompt')!r}{_call_options(config)}).images[0]"
+    if not lora:
+        lines += [
+            "", "## Use", "", "```python", "import torch", "from diffusers import SanaPipeline",
+            f"pipe = SanaPipeline.from_pretrained('PATH_OR_REPO', dtype=torch.{dtype})",
+            "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')", call, "```", "",
+        ]
+        return "\n".join(lines)
+    lines += ["", "## Use", "", f"The adapter is `pytorch_lora_weights.safetensors` (the EMA weights when use_ema was on). "
+              f"It applies to the unquantized base `{base}` at revision `{revision}`."]
+    if lycoris:
+        lines += ["", "It is a LyCORIS file (`lycoris_<module>.lokr_w1`... keys, its config in `lycoris_config.json`): "
+                  "ComfyUI and SimpleTuner load it as a LoRA; in Python, with the `lycoris-lora` package:", "",
+                  "```python", "import torch", "from diffusers import SanaPipeline",
+                  "from lycoris import create_lycoris_from_weights",
+                  f"pipe = SanaPipeline.from_pretrained({source}, dtype=torch.{dtype})",
+                  "wrapper, _ = create_lycoris_from_weights(1.0, 'PATH/pytorch_lora_weights.safetensors', pipe.transformer)",
+                  "wrapper.merge_to()", "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')", call, "```"]
+    else:
+        lines += ["", "It is a diffusers/PEFT LoRA (its LoraConfig, rank and alpha, are in the file's metadata):", "",
+                  "```python", "import torch", "from diffusers import SanaPipeline",
+                  f"pipe = SanaPipeline.from_pretrained({source}, dtype=torch.{dtype})",
+                  "pipe.load_lora_weights('PATH_OR_REPO')", "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')",
+                  call, "```"]
+    if config.get("lora_export_merged"):
+        lines += ["", "`merged/` is a complete pipeline with the adapter merged onto the unquantized base weights "
+                  "(no adapter library needed):", "", "```python", "import torch", "from diffusers import SanaPipeline",
+                  f"pipe = SanaPipeline.from_pretrained('PATH/merged', dtype=torch.{dtype})", call, "```"]
+    lines.append("")
     return "\n".join(lines)

@@ -49,6 +49,13 @@ def check(resolved: Resolved, *, training: bool) -> Findings:
             import_bitsandbytes_for_nf4()
         except ConfigError as exc:
             found.problems.extend(exc.problems)
+    if cfg.model_type == "lora":  # the LyCORIS config read and checked, the packages loaded, before any download
+        from ..model import adapters
+
+        try:
+            adapters.check(cfg)
+        except ConfigError as exc:
+            found.problems.extend(exc.problems)
     if cfg.compile_transformer:
         missing = compile_toolchain_missing()
         if missing:

@@ -35,13 +35,19 @@ class TrainState:
     resume_history: list[dict] = field(default_factory=list)  # each resume's step and changed settings
     run_id: str | None = None  # when the run started at step 0 (UTC): names its checkpoints on the Hub
     sharded: bool = False  # FSDP: weights, optimizer state and EMA are saved as DCP shards (distributed/fsdp.py)
+    adapter: bool = False  # model_type lora: only the adapter's (trainable) weights are saved, not the frozen base
 
     # ------------------------------------------------------------ to a checkpoint
 
     def tensors(self) -> dict:
         if self.sharded:  # in the checkpoint's sharded/ folder (distributed.fsdp.save)
             return {}
-        tensors = {"transformer": self.transformer.state_dict()}
+        if self.adapter:
+            from ..model.adapters import trainable_state
+
+            tensors = {"adapter": trainable_state(self.transformer)}
+        else:
+            tensors = {"transformer": self.transformer.state_dict()}
         if self.ema is not None:
             tensors["ema"] = {k: v for k, v in self.ema.state_dict().items() if torch.is_tensor(v)}
         return tensors
@@ -89,7 +95,14 @@ class TrainState:
             else:
                 self.ema = make_ema(self.transformer)
             return
-        self.transformer.load_state_dict(tensors["transformer"])
+        if self.adapter:
+            from ..model.adapters import load_trainable
+
+            if "adapter" not in tensors:
+                raise ValueError("the checkpoint holds full-rank transformer weights, not an adapter")
+            load_trainable(self.transformer, tensors["adapter"])
+        else:
+            self.transformer.load_state_dict(tensors["transformer"])
         if self.ema is not None:
             if "ema" in tensors:
                 self.ema.load_state_dict({**tensors["ema"], **objects.get("ema_meta", {})})

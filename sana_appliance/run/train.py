@@ -32,7 +32,7 @@ from ..data import demo, precompute
 from ..data.precompute import CachedDataset
 from ..distributed import fsdp, group
 from ..distributed.stopping import Abandoned, StopFlag, StopVote
-from ..model import optimizers
+from ..model import adapters, optimizers
 from ..model import parts as models
 from ..model.flow import FlowSchedule
 from . import checkpoints, report, runinfo, validation
@@ -243,6 +243,7 @@ class Run:
         cfg = self.cfg
         if self.fsdp and self.is_main:  # before sharding (and before the checkpointed forwards)
             self.plain = fsdp.plain_copy(self.parts.transformer)
+        self.adapter = self._attach_adapter() if adapters.enabled(cfg) else None
         transformer = self.parts.transformer.to(self.device)
         if cfg.gradient_checkpointing:
             models.enable_block_checkpointing(transformer, cfg.gradient_checkpointing_interval)
@@ -277,11 +278,15 @@ class Run:
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
         self.model = self.accelerator.prepare(transformer) if self.world > 1 and not self.fsdp else transformer
         self.state = TrainState(transformer=transformer, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-                                generator=generator, sampler=sampler, ema=ema, sharded=self.fsdp)
+                                generator=generator, sampler=sampler, ema=ema, sharded=self.fsdp,
+                                adapter=self.adapter is not None)
 
         bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
-        n_params = sum(p.numel() for p in transformer.parameters())
-        self.ckpt_bytes = checkpoints.estimate_bytes(n_params, torch.finfo(self.weight_dtype).bits // 8, bytes_per_param, cfg.use_ema)
+        if self.adapter is None:
+            n_params, weight_bytes = sum(p.numel() for p in transformer.parameters()), torch.finfo(self.weight_dtype).bits // 8
+        else:  # a checkpoint holds the adapter (fp32) and its optimizer state, not the frozen base
+            n_params, weight_bytes = self.adapter.params, 4
+        self.ckpt_bytes = checkpoints.estimate_bytes(n_params, weight_bytes, bytes_per_param, cfg.use_ema)
         self.ranks.agree(lambda: checkpoints.check_disk(self.ckpt_root, self.ckpt_bytes) if self.ranks.writes_checkpoints
                          else None)
 
@@ -292,6 +297,30 @@ class Run:
             self.state.run_id = self.ranks.broadcast(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
         self.tracker = tracking.build(cfg, self.output_dir, self.resolved.redacted(), self.state.step,
                                       self.state.tracker_run_id, self.resolved.hub.wandb_mode, self.is_main)
+
+    def _attach_adapter(self) -> adapters.Attached:
+        """model_type lora: the base transformer frozen (and quantized), the adapter added. Its initial weights are
+        drawn from the seed alone (not from what the run drew before), so every start and every rank builds the same."""
+        cfg, transformer = self.cfg, self.parts.transformer
+        if cfg.base_model_precision in adapters.QUANTIZED:
+            if cfg.quantize_via != "cpu":
+                transformer.to(self.device)
+            t0 = time.monotonic()
+            quantized = adapters.quantize_base(transformer, cfg, self.device)
+            log.info("base transformer in %s (bitsandbytes, quantized on %s in %.1f s): %d linear layers of the blocks, "
+                     "%.0f%% of its %s parameters; the rest stays %s", cfg.base_model_precision,
+                     "the CPU" if cfg.quantize_via == "cpu" else self.device.type, time.monotonic() - t0,
+                     quantized["layers"], 100 * quantized["quantized_params"] / max(1, quantized["params"]),
+                     f"{quantized['params']:,}", str(self.weight_dtype).replace("torch.", ""))
+        on_gpu = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=on_gpu):
+            torch.manual_seed(cfg.seed)
+            attached = adapters.attach(transformer, cfg)
+        what = (f"LyCORIS {attached.config.get('algo', 'lokr')}" if attached.kind == adapters.LYCORIS else
+                f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank:g}")
+        log.info("model_type=lora: %s on %d modules, %s trainable parameters (fp32); the base transformer is frozen",
+                 what, attached.modules, f"{attached.params:,}")
+        return attached
 
     def _new_ema(self, transformer):
         from ..model.ema import EMA
@@ -666,6 +695,13 @@ class Run:
             return contextlib.nullcontext()
         return torch.compiler.set_stance("force_eager")
 
+    def _adapter_autocast(self):
+        """Validation with an adapter: its fp32 weights meet the frozen base's bf16 activations under the run's
+        autocast, as in training (a full-rank run validates in its weights' dtype, as it always has)."""
+        if self.adapter is None or self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _plain_on_device(self):
         if not self.fsdp:
             return contextlib.nullcontext()
@@ -692,7 +728,7 @@ class Run:
             transformer, context = self.plain, self._ema_in_plain()
         else:
             context = ema.swapped_into(transformer) if ema is not None else contextlib.nullcontext()
-        with context, self._eager():  # restores the training weights also when a stop abandons the round
+        with context, self._eager(), self._adapter_autocast():  # restores the training weights also when a stop abandons the round
             return validation.run_validation(step=self.step, cfg=self.cfg, transformer=transformer, parts=self.parts,
                                              prompts=embeds, empty=self.negative, out_dir=self.output_dir / "validation",
                                              device=self.device, dtype=self.weight_dtype, check=self.vote.check,
@@ -987,6 +1023,16 @@ class Run:
                                  eval_loss=self._eval_summary(), resume_history=self.state.resume_history,
                                  colour_score=self.colour_score, report_link=self._report_link())
         ema, transformer = self.state.ema, self.state.transformer
+        if self.adapter is not None:
+            try:
+                export.export_adapter(output_dir=self.output_dir, transformer=transformer, ema=ema, attached=self.adapter,
+                                      parts=self.parts, card=card, sample_images=samples, dtype=self.export_dtype,
+                                      merged=cfg.lora_export_merged, check=self.stop.check)
+            except Abandoned:
+                raise self.stop.error(f"during export (final/ was left as it was); {redo}", self.step) from None
+            self._write_run_json(status="finished")
+            self._write_report()
+            return
         if not self.fsdp:
             ema_state = ema.to_state_dict_for_export(self.weight_dtype) if ema is not None else None
         else:  # the plain copy holds the gathered weights; exported in the dtype the config trains
@@ -1032,7 +1078,8 @@ class Run:
 # What a run writes into output_dir (set aside as a whole when a fresh run starts there).
 RUN_OUTPUTS = ("checkpoints", "final", "validation", "metrics.jsonl", "run.json", "data_report.json", report.REPORT,
                report.PLOTS_DIR,
-               "transformer.safetensors", "transformer_ema.safetensors", runinfo.COMPLETE_MARKER, ".hub-uploads.json",
+               "transformer.safetensors", "transformer_ema.safetensors", "adapter.safetensors", "adapter_ema.safetensors",
+               runinfo.COMPLETE_MARKER, ".hub-uploads.json",
                *(spec.folder for spec in tracking.TRACKERS.values() if spec.folder))
 
 
