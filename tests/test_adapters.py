@@ -104,6 +104,20 @@ def test_lora_loads_with_load_lora_weights_and_draws_what_the_merged_pipeline_dr
     merged = _pipeline_image(SanaPipeline.from_pretrained(out / "final" / "merged", dtype=torch.float32))
     assert np.abs(with_lora - merged).max() < MERGE_TOLERANCE
     assert np.abs(with_lora - plain).max() > 50 * MERGE_TOLERANCE  # the adapter does change the pictures (~0.2)
+    # The model card's snippets, pasted as a user would: each draws what the last validation round drew.
+    from PIL import Image
+
+    validated = np.asarray(Image.open(out / "validation" / "step0000040_validation_64x64.png"), dtype=np.float32)
+    card = (out / "final" / "README.md").read_text()
+    blocks = [b.split("```")[0] for b in card.split("```python\n")[1:]]
+    assert len(blocks) == 2  # load_lora_weights on the base, and the merged pipeline
+    for code in blocks:
+        code = code.replace("'PATH_TO_THE_BASE_MODEL_FOLDER'", repr(str(base))).replace(
+            "'PATH_OR_REPO'", repr(str(out / "final"))).replace("'PATH/merged'", repr(str(out / "final" / "merged")))
+        scope: dict = {}
+        exec(code, scope)  # noqa: S102
+        drawn = np.asarray(scope["image"], dtype=np.float32)
+        assert np.abs(drawn - validated).mean() < 2.0, (code, np.abs(drawn - validated).mean())
     # final/ holds the EMA adapter (use_ema in the demo), output/adapter_ema.safetensors the same weights.
     exported = load_file(out / "final" / adapters.ADAPTER_FILE)
     ema = load_file(out / "adapter_ema.safetensors")
@@ -224,7 +238,10 @@ def test_a_simpletuner_lycoris_config_is_read_and_checked(tmp_path):
     (tmp_path / "l.json").write_text(json.dumps(good))
     assert adapters.read_lycoris_config(cfg) == good
     for bad, needle in [({**good, "algo": "lokrr"}, "unknown LyCORIS algo 'lokrr'"),
-                        ({**good, "factr": 8}, "factr is not lokr option"),
+                        ({**good, "factr": 8}, "factr is not option(s) LyCORIS reads"),
+                        ({**good, "multiplier": 0.5}, "set multiplier: 1.0"),
+                        ({**good, "apply_preset": {"module_algo_map": {"Attention": {"factr": 8}}}},
+                         "module_algo_map['Attention'] has factr"),
                         ({**good, "bypass_mode": False}, "bypass_mode=false cannot train over a quantized base"),
                         ({**good, "apply_preset": {"target_modules": ["Attention"]}}, "unknown key(s) target_modules")]:
         (tmp_path / "l.json").write_text(json.dumps(bad))
@@ -271,7 +288,7 @@ def test_an_adapter_run_goes_to_the_hub_and_a_new_machine_resumes_it_bit_identic
     """push_to_hub with an adapter: the adapter checkpoints go up while training, a new pod with an empty workspace
     resumes from the Hub, and the adapter it ends with is the uninterrupted run's (lora_run, same config)."""
     from hubserver import FakeHub
-    from test_hub_cloud import REPO_ID, assert_everything_on_the_hub, cloud_env, repo_files, wait_for
+    from test_hub_cloud import assert_everything_on_the_hub, cloud_env, repo_files, wait_for
 
     reference, _ = lora_run
     with FakeHub() as hub:
@@ -300,3 +317,23 @@ def test_an_adapter_run_goes_to_the_hub_and_a_new_machine_resumes_it_bit_identic
         assert files[adapters.ADAPTER_FILE] == (second / "final" / adapters.ADAPTER_FILE).read_bytes()
         assert "transformer.safetensors" not in files
         assert_everything_on_the_hub(hub, second, full_rank=False)
+
+
+def test_a_resume_refuses_changed_lycoris_settings_but_takes_a_new_dropout(shared_workspace, tmp_path):
+    """The LyCORIS file's content, not only its path, is what a checkpoint was trained with."""
+    path = tmp_path / "lycoris.json"
+    config = {**adapters.DEFAULT_LYCORIS, "linear_dim": 4}
+    path.write_text(json.dumps(config))
+    env = cli_env(shared_workspace, tmp_path / "out", SANA_MODEL_TYPE="lora", SANA_LORA_TYPE="lycoris",
+                  SANA_LYCORIS_CONFIG=str(path), SANA_MAX_TRAIN_STEPS="4", SANA_CHECKPOINTING_STEPS="4",
+                  SANA_VALIDATION_STEPS="0")
+    assert run_cli(env).returncode == 0
+    path.write_text(json.dumps({**config, "factor": 8}))
+    refused = run_cli({**env, "SANA_MAX_TRAIN_STEPS": "6"})
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "LyCORIS settings changed since the checkpoint (factor: 16 -> 8" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    path.write_text(json.dumps({**config, "dropout": 0.1}))
+    resumed = run_cli({**env, "SANA_MAX_TRAIN_STEPS": "6"})
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from checkpoint-4" in resumed.stderr

@@ -59,8 +59,8 @@ class TrainConfig:
     lycoris_config: str | None = _opt(
         None,
         "LyCORIS: SimpleTuner's lycoris_config.json (algo, multiplier, linear_dim, linear_alpha, factor, apply_preset). "
-        "Empty: the built-in LoKr config (factor 16 on every Attention module). Bypass mode is always on, so a "
-        "quantized base is never rewritten.",
+        "Empty: the built-in LoKr config (factor 16 on every Attention module). Bypass mode is on unless the file "
+        "sets bypass_mode: false (refused over a quantized base); multiplier must be 1.0 (exports load at 1.0).",
     )
     lora_export_merged: bool = _opt(
         False,
@@ -93,8 +93,8 @@ class TrainConfig:
     )
     quantize_via: str = _opt(
         "accelerator",
-        "Where frozen parts (the text encoder, a quantized base) are quantized: `accelerator` or `cpu` (slower, "
-        "avoids OOM at start on <=16 GB cards).",
+        "Where frozen parts (the text encoder, an nf4 base) are quantized: `accelerator` or `cpu` (slower, "
+        "avoids OOM at start on <=16 GB cards). An int8 base is quantized layer by layer on the accelerator either way.",
         choices=("accelerator", "cpu"),
     )
     sana_complex_human_instruction: str = _opt(

@@ -46,8 +46,19 @@ _PRESET_DEFAULTS: dict[str, Any] = {
     "target_name": [], "module_algo_map": {}, "name_algo_map": {}, "lora_prefix": "lycoris", "use_fnmatch": False,
     "exclude_name": [],
 }
+# The keys LyCORIS' create_lycoris reads (lycoris-lora 4.x; any other key it would drop silently), with
+# SimpleTuner's apply_preset (applied before the network is built).
 _NETWORK_KEYS = {"algo", "multiplier", "linear_dim", "linear_alpha", "conv_dim", "conv_alpha", "dropout", "rank_dropout",
-                 "module_dropout", "train_norm", "apply_preset", "preset", "bypass_mode"}
+                 "module_dropout", "disable_conv_cp", "use_conv_cp", "use_cp", "use_tucker", "use_scalar", "block_size",
+                 "train_norm", "constraint", "constrain", "rescaled", "dora_wd", "wd_on_output", "full_matrix",
+                 "bypass_mode", "unbalanced_factorization", "train_llm_adapter", "preset", "decompose_both", "factor",
+                 "apply_preset"}
+# Per-module options a module_algo_map entry may set: these, and the chosen algo module's own arguments.
+_MODULE_KEYS = {"algo", "dim", "alpha", "use_tucker"}
+_MODULE_POSITIONAL = ("self", "lora_name", "org_module", "multiplier", "lora_dim", "alpha", "dropout", "rank_dropout",
+                      "module_dropout", "use_tucker", "args", "kwargs")
+# Settings that change what the trained adapter is: a resume under other values is refused (dropouts may change).
+LYCORIS_RESUME_FREE = ("dropout", "rank_dropout", "module_dropout")
 
 
 def enabled(cfg) -> bool:
@@ -91,12 +102,14 @@ def read_lycoris_config(cfg) -> dict[str, Any]:
     if algo not in modules:
         raise ConfigError(f"{where}: unknown LyCORIS algo {algo!r}; LyCORIS has {', '.join(sorted(modules))} "
                           "(lokr is the guide's)")
-    accepted = _NETWORK_KEYS | {name for name in inspect.signature(modules[algo].__init__).parameters
-                                if name not in ("self", "lora_name", "org_module", "args", "kwargs")}
-    unknown = sorted(set(config) - accepted)
+    unknown = sorted(set(config) - _NETWORK_KEYS)
     if unknown:
-        raise ConfigError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
-                          f"{algo} option(s) LyCORIS reads; it accepts {', '.join(sorted(accepted))}")
+        raise ConfigError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not option(s) "
+                          f"LyCORIS reads (it would ignore them); it reads {', '.join(sorted(_NETWORK_KEYS))}")
+    if float(config.get("multiplier", 1.0)) != 1.0:
+        raise ConfigError(f"{where}: multiplier={config['multiplier']!r}: the exported adapter is loaded at strength "
+                          "1.0 (ComfyUI, create_lycoris_from_weights(1.0, ...), the merged pipeline), so training "
+                          "at another strength would export a different model; set multiplier: 1.0")
     preset = config.get("apply_preset") or {}
     if not isinstance(preset, dict):
         raise ConfigError(f"{where}: apply_preset must be an object, e.g. {json.dumps(DEFAULT_LYCORIS['apply_preset'])}")
@@ -105,10 +118,18 @@ def read_lycoris_config(cfg) -> dict[str, Any]:
         raise ConfigError(f"{where}: apply_preset has unknown key(s) {', '.join(bad)}; known: "
                           f"{', '.join(sorted(_PRESET_DEFAULTS))}")
     for name, options in (preset.get("module_algo_map") or {}).items():
-        other = isinstance(options, dict) and options.get("algo")
-        if other and other not in modules:
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}: module_algo_map[{name!r}] must be an object, e.g. {{\"factor\": 16}}")
+        other = options.get("algo", algo)
+        if other not in modules:
             raise ConfigError(f"{where}: module_algo_map[{name!r}] names unknown LyCORIS algo {other!r}; LyCORIS has "
                               f"{', '.join(sorted(modules))}")
+        accepted = _MODULE_KEYS | {arg for arg in inspect.signature(modules[other].__init__).parameters
+                                   if arg not in _MODULE_POSITIONAL}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(f"{where}: module_algo_map[{name!r}] has {', '.join(unknown)}, not option(s) of "
+                              f"{other} (LyCORIS would ignore them); it reads {', '.join(sorted(accepted))}")
     if "preset" in config and config["preset"] not in (None, "full"):
         raise ConfigError(f"{where}: preset={config['preset']!r} names a preset for UNets; use apply_preset "
                           "(target_module / module_algo_map) for Sana")
@@ -117,6 +138,32 @@ def read_lycoris_config(cfg) -> dict[str, Any]:
                           f"(base_model_precision={cfg.base_model_precision!r}): remove bypass_mode, or set "
                           "base_model_precision: no_change")
     return config
+
+
+def identity_settings(cfg) -> dict[str, Any]:
+    """What a run's identity (its config hash) adds for an adapter: the LyCORIS file's settings (its content, not
+    only its path), without the dropouts, which a resume may change."""
+    if not enabled(cfg) or cfg.lora_type != LYCORIS:
+        return {}
+    try:
+        config = read_lycoris_config(cfg)
+    except ConfigError:  # reported where the run reads it; the identity then names the path alone
+        return {}
+    return {"lycoris_settings": {k: v for k, v in config.items() if k not in LYCORIS_RESUME_FREE}}
+
+
+def resume_problem(saved: dict | None, attached: Attached) -> str | None:
+    """A LyCORIS checkpoint's adapter settings against this run's (a changed factor, dim, alpha, algo or preset
+    trains another adapter, or fails to load it): what differs, or None."""
+    if saved is None or attached.kind != LYCORIS:
+        return None
+    now = attached.config
+    changed = sorted(k for k in set(saved) | set(now) if k not in LYCORIS_RESUME_FREE and saved.get(k) != now.get(k))
+    if not changed:
+        return None
+    return ("the LyCORIS settings changed since the checkpoint (" + "; ".join(
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed) + "): put lycoris_config back as it was (only "
+        "dropout, rank_dropout and module_dropout may change)")
 
 
 def check(cfg) -> None:
@@ -157,15 +204,17 @@ def import_bitsandbytes(cfg):
 # ---------------------------------------------------------------- quantized base
 
 
-def quantize_base(transformer: torch.nn.Module, cfg, device: torch.device) -> dict[str, int]:
-    """Replace every nn.Linear of the transformer blocks by its bitsandbytes 4-bit (nf4) or 8-bit form, quantized
-    on ``device`` (the host with quantize_via: cpu). The rest (embeddings, the blocks' convolutions, norms, the
-    output projection) stays in its dtype. One quantized layer runs once here, so a kernel this machine lacks
-    fails now with the key to change."""
+def quantize_base(transformer: torch.nn.Module, cfg, device: torch.device) -> dict[str, Any]:
+    """Replace every nn.Linear of the transformer blocks by its bitsandbytes 4-bit (nf4) or 8-bit form. The rest
+    (embeddings, the blocks' convolutions, norms, the output projection) stays in its dtype. Each layer leaves the
+    host copy alone and is quantized where it lands: nf4 on the host with quantize_via: cpu (then moved), else on
+    ``device``; int8 always on ``device`` (bitsandbytes keeps an int8 layer's scales beside the parameter, where a
+    later move would not follow them). So the accelerator never holds the whole unquantized base. One quantized
+    layer runs once here, so a kernel this machine lacks fails now with the key to change."""
     bnb = import_bitsandbytes(cfg)
     precision = cfg.base_model_precision
     compute = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-    where = torch.device("cpu") if cfg.quantize_via == "cpu" else device
+    where = torch.device("cpu") if cfg.quantize_via == "cpu" and precision == "nf4-bnb" else device
     layers = quantized_params = 0
     probe = None
     total = sum(p.numel() for p in transformer.parameters())
@@ -174,7 +223,7 @@ def quantize_base(transformer: torch.nn.Module, cfg, device: torch.device) -> di
             if type(module) is not torch.nn.Linear:
                 continue
             parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-            weight = module.weight.data.to(where)
+            weight = module.weight.data.to("cpu")
             has_bias = module.bias is not None
             if precision == "nf4-bnb":
                 new = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=has_bias, compute_dtype=compute,
@@ -203,7 +252,7 @@ def quantize_base(transformer: torch.nn.Module, cfg, device: torch.device) -> di
         raise ConfigError(f"base_model_precision={precision!r}: bitsandbytes' kernel refused to run on this "
                           f"{where.type} machine ({str(exc).splitlines()[0][:200]}); set base_model_precision: "
                           "no_change (or quantize_via: accelerator on a GPU)") from None
-    return {"layers": layers, "quantized_params": quantized_params, "params": total}
+    return {"layers": layers, "quantized_params": quantized_params, "params": total, "where": where.type}
 
 
 # ---------------------------------------------------------------- attaching
@@ -215,6 +264,14 @@ class Attached:
     modules: int  # layers the adapter wraps
     params: int  # trainable parameters
     config: dict  # the PEFT LoraConfig or the LyCORIS config, as recorded in exports
+
+
+def module_dropout(attached: Attached) -> bool:
+    """Whether a LyCORIS adapter skips whole modules at random (module_dropout, at the top or per module)."""
+    if attached.kind != LYCORIS:
+        return False
+    maps = (attached.config.get("apply_preset") or {}).get("module_algo_map") or {}
+    return any(float(c.get("module_dropout", 0) or 0) > 0 for c in [attached.config, *maps.values()])
 
 
 def target_modules(cfg) -> list[str]:

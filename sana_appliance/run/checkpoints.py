@@ -42,7 +42,7 @@ STATE_FILE = "trainer_state.json"
 SHARDED = "sharded"  # torch.distributed.checkpoint shards (distributed_strategy: fsdp)
 # Keys whose change makes a checkpoint unusable (another model, another batch geometry).
 INCOMPATIBLE_KEYS = ("pretrained_model_name_or_path", "train_batch_size", "gradient_accumulation_steps", "mixed_precision", "optimizer",
-                     "distributed_strategy", "model_type", "lora_type", "lora_rank", "lora_target_modules")
+                     "distributed_strategy", "model_type", "lora_type", "lora_rank", "lora_alpha", "lora_target_modules")
 # What a key missing from an older checkpoint's config meant (it was written before the key existed).
 OLD_DEFAULTS = {"distributed_strategy": "ddp", "lora_type": "standard", "lora_rank": 16, "lora_alpha": None,
                 "lora_dropout": 0.0, "lora_target_modules": "to_q,to_k,to_v,to_out.0", "lycoris_config": None,

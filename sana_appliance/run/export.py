@@ -190,9 +190,10 @@ def _call_options(config: dict) -> str:
 
 def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: int, samples: list[str], eval_loss: dict,
                resume_history: list[dict] | None = None, colour_score: dict | None = None,
-               report_link: dict[str, str] | None = None) -> str:
-    """A Hub model card. `config` must already be redacted. With model_type lora it describes the adapter and how
-    to load it (diffusers for a LoRA, LyCORIS or ComfyUI for LoKr, and the merged pipeline when exported)."""
+               report_link: dict[str, str] | None = None, adapter: dict | None = None) -> str:
+    """A Hub model card. `config` must already be redacted. With model_type lora it describes the adapter
+    (``adapter``: its PEFT or LyCORIS config) and how to load it (diffusers for a LoRA, LyCORIS or ComfyUI for a
+    LyCORIS file, and the merged pipeline when exported)."""
     base = model_info.get("repo_id") or model_info.get("name")
     revision = model_info.get("commit_sha") or model_info.get("version") or "local"
     keys = ["learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "mixed_precision", "train_batch_size",
@@ -203,7 +204,9 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
     if lora:
         keys = ["model_type", "lora_type", "base_model_precision", "quantize_via"] + (
             ["lycoris_config"] if lycoris else ["lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules"]) + keys
-    kind = "LyCORIS (LoKr) adapter" if lycoris else "LoRA adapter" if lora else "Full-rank fine-tune"
+    algo = str((adapter or {}).get("algo", "lokr"))
+    shown = {"lokr": "LoKr", "loha": "LoHa", "lora": "LoRA", "locon": "LoCon"}.get(algo, algo)
+    kind = f"LyCORIS ({shown}) adapter" if lycoris else "LoRA adapter" if lora else "Full-rank fine-tune"
     tag = "lycoris" if lycoris else "lora" if lora else "full-rank-fine-tune"
     lines = [
         "---",
@@ -265,10 +268,11 @@ def model_card(*, config: dict, model_info: dict, datasets: list[dict], steps: i
             "pipe.to('cuda' if torch.cuda.is_available() else 'cpu')", call, "```", "",
         ]
         return "\n".join(lines)
-    lines += ["", "## Use", "", f"The adapter is `pytorch_lora_weights.safetensors` (the EMA weights when use_ema was on). "
+    held = "its EMA weights (use_ema was on)" if config.get("use_ema") else "the trained weights"
+    lines += ["", "## Use", "", f"The adapter is `pytorch_lora_weights.safetensors`, {held}. "
               f"It applies to the unquantized base `{base}` at revision `{revision}`."]
     if lycoris:
-        lines += ["", "It is a LyCORIS file (`lycoris_<module>.lokr_w1`... keys, its config in `lycoris_config.json`): "
+        lines += ["", f"It is a LyCORIS file ({shown}: `lycoris_<module>.<weight>` keys, its config in `lycoris_config.json`): "
                   "ComfyUI and SimpleTuner load it as a LoRA; in Python, with the `lycoris-lora` package:", "",
                   "```python", "import torch", "from diffusers import SanaPipeline",
                   "from lycoris import create_lycoris_from_weights",

@@ -74,9 +74,11 @@ COMPLETE_MARKER = "TRAINING_COMPLETE.json"
 def _completion_key(cfg) -> dict:
     import dataclasses
 
+    from ..model.adapters import identity_settings
     from .checkpoints import config_hash
 
-    return {"config_hash": config_hash(dataclasses.asdict(cfg)), "max_train_steps": cfg.max_train_steps,
+    return {"config_hash": config_hash({**dataclasses.asdict(cfg), **identity_settings(cfg)}),
+            "max_train_steps": cfg.max_train_steps,
             "num_train_epochs": cfg.num_train_epochs}
 
 

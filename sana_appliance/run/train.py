@@ -191,7 +191,8 @@ class Run:
         log.warning("no intact checkpoint of this run on %s: training starts at step 0", self.cfg.hub_model_id)
 
     def _identity(self) -> str:
-        return checkpoints.run_identity(dataclasses.asdict(self.cfg), self.resolved.workspace.root)
+        return checkpoints.run_identity({**dataclasses.asdict(self.cfg), **adapters.identity_settings(self.cfg)},
+                                        self.resolved.workspace.root)
 
     def _load_model_and_data(self) -> None:
         """The base model (downloaded or built once), the flow schedule, the data plan and eval samples."""
@@ -282,6 +283,8 @@ class Run:
                                 adapter=self.adapter is not None)
 
         bytes_per_param = optimizers.optimizer_state_bytes_per_param(cfg)
+        if self.adapter is not None:  # the adapter trains in fp32: its optimizer state is the fp32 kind
+            bytes_per_param = optimizers.spec_of(cfg).state_bytes_fp32
         if self.adapter is None:
             n_params, weight_bytes = sum(p.numel() for p in transformer.parameters()), torch.finfo(self.weight_dtype).bits // 8
         else:  # a checkpoint holds the adapter (fp32) and its optimizer state, not the frozen base
@@ -303,19 +306,21 @@ class Run:
         drawn from the seed alone (not from what the run drew before), so every start and every rank builds the same."""
         cfg, transformer = self.cfg, self.parts.transformer
         if cfg.base_model_precision in adapters.QUANTIZED:
-            if cfg.quantize_via != "cpu":
-                transformer.to(self.device)
             t0 = time.monotonic()
             quantized = adapters.quantize_base(transformer, cfg, self.device)
             log.info("base transformer in %s (bitsandbytes, quantized on %s in %.1f s): %d linear layers of the blocks, "
                      "%.0f%% of its %s parameters; the rest stays %s", cfg.base_model_precision,
-                     "the CPU" if cfg.quantize_via == "cpu" else self.device.type, time.monotonic() - t0,
+                     "the CPU" if quantized["where"] == "cpu" else self.device.type, time.monotonic() - t0,
                      quantized["layers"], 100 * quantized["quantized_params"] / max(1, quantized["params"]),
                      f"{quantized['params']:,}", str(self.weight_dtype).replace("torch.", ""))
         on_gpu = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=on_gpu):
             torch.manual_seed(cfg.seed)
             attached = adapters.attach(transformer, cfg)
+        if self.world > 1 and adapters.module_dropout(attached):
+            raise ConfigError(f"lycoris_config: module_dropout skips whole adapter modules at random, which DDP cannot "
+                              f"synchronise across {self.world} processes; set module_dropout: 0 (dropout and "
+                              "rank_dropout work), or train on one process")
         what = (f"LyCORIS {attached.config.get('algo', 'lokr')}" if attached.kind == adapters.LYCORIS else
                 f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank:g}")
         log.info("model_type=lora: %s on %d modules, %s trainable parameters (fp32); the base transformer is frozen",
@@ -386,6 +391,8 @@ class Run:
         progress = state.progress(world_size=self.world, config_hash=self._identity(),
                                   workspace=str(self.resolved.workspace.root),
                                   config=self.resolved.redacted(), model=self.model_info)
+        if self.adapter is not None:  # what the adapter is (a resume compares it: model/adapters.resume_problem)
+            progress["adapter"] = {"kind": self.adapter.kind, "config": self.adapter.config}
         # The tracker may have started a run since the resume; rank 0's tracker is the one.
         progress["tracker_run_id"] = self.ranks.broadcast(self.tracker.run_id)
         # Weights are identical on every rank: one rank per output disk writes the folder (rank 0 on a shared
@@ -580,6 +587,10 @@ class Run:
             errors.append(f"the base model changed since the checkpoint ({models.weights_identity(before)} -> "
                           f"{models.weights_identity(self.model_info)}): the trained transformer would be paired with "
                           "another VAE and text encoder. Pin revision to the checkpoint's commit")
+        if self.adapter is not None:
+            problem = adapters.resume_problem((state.get("adapter") or {}).get("config"), self.adapter)
+            if problem:
+                errors.append(problem)
         if state["step"] > self.max_steps:
             errors.append(f"the checkpoint is at step {state['step']}, past max_train_steps={self.max_steps}: raise "
                           "max_train_steps, or name an earlier checkpoint in resume_from_checkpoint")
@@ -1021,7 +1032,8 @@ class Run:
         card = export.model_card(config=config, model_info=self.model_info, datasets=datasets, steps=self.step,
                                  samples=[p.name for p in samples],
                                  eval_loss=self._eval_summary(), resume_history=self.state.resume_history,
-                                 colour_score=self.colour_score, report_link=self._report_link())
+                                 colour_score=self.colour_score, report_link=self._report_link(),
+                                 adapter=None if self.adapter is None else self.adapter.config)
         ema, transformer = self.state.ema, self.state.transformer
         if self.adapter is not None:
             try:
