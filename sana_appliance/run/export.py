@@ -55,17 +55,7 @@ def export_final(
 
     try:
         with atomic_folder(final, existing="replace") as tmp:  # an earlier final/ is replaced with a rename
-            # The frozen parts are copied byte for byte from the base model folder: exact, and
-            # no need to bring the text encoder back into memory.
-            for name in COPIED_PARTS:
-                source = parts.path / name
-                if source.is_dir():
-                    shutil.copytree(source, tmp / name, copy_function=copy_file)
-                elif source.is_file():
-                    copy_file(source, tmp / name)
-            check()
-            transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
-            _drop_local_path(tmp / "transformer" / "config.json")
+            _write_pipeline(tmp, parts, transformer, copy_file, check)
             samples = tmp / "samples"
             samples.mkdir()
             for image in sample_images:
@@ -131,17 +121,8 @@ def export_adapter(
             check()
             folder = tmp / MERGED
             folder.mkdir()
-            for name in COPIED_PARTS:
-                source = parts.path / name
-                if source.is_dir():
-                    shutil.copytree(source, folder / name, copy_function=copy_file)
-                elif source.is_file():
-                    copy_file(source, folder / name)
-            check()
-            full = adapters.merged_transformer(parts.path, weights, attached, dtype)
-            full.save_pretrained(folder / "transformer", safe_serialization=True)
-            _drop_local_path(folder / "transformer" / "config.json")
-            del full
+            _write_pipeline(folder, parts, adapters.merged_transformer(parts.path, weights, attached, dtype),
+                            copy_file, check)
             (folder / "README.md").write_text(card, encoding="utf-8")
         samples = tmp / "samples"
         samples.mkdir()
@@ -155,6 +136,20 @@ def export_adapter(
 
 
 MERGED = "merged"
+
+
+def _write_pipeline(folder: Path, parts, transformer, copy_file: Callable, check: Callable[[], None]) -> None:
+    """A diffusers pipeline folder: the frozen parts copied byte for byte from the base model folder (exact, and no
+    need to bring the text encoder back into memory), then `transformer` saved in it."""
+    for name in COPIED_PARTS:
+        source = parts.path / name
+        if source.is_dir():
+            shutil.copytree(source, folder / name, copy_function=copy_file)
+        elif source.is_file():
+            copy_file(source, folder / name)
+    check()
+    transformer.save_pretrained(folder / "transformer", safe_serialization=True)
+    _drop_local_path(folder / "transformer" / "config.json")
 
 
 def _drop_local_path(config_file: Path) -> None:
